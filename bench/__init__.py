@@ -1,0 +1,1 @@
+"""Benchmarks of the kernels, the training step and the loader."""

@@ -1,0 +1,1 @@
+"""The tinyfuse training engine: data, model, trainer, sampling, evaluation, interop and the CLI."""

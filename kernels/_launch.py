@@ -1,0 +1,97 @@
+"""Input checks and launch heuristics shared by the ops.
+
+Every public op validates its arguments here before anything is launched, so a
+bad call fails with a message that names the argument instead of a Triton
+compile error or a wrong answer.
+"""
+import functools
+import os
+
+import torch
+import triton
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the op
+# modules are imported: read it at the same moment so the check agrees.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The row kernels hold one whole row in registers.
+MAX_HIDDEN = 65536
+
+
+def check_float(name, t, dtypes=FLOAT_DTYPES):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_dtype(**tensors):
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name}: expected the dtype of {first_name} ({first.dtype}); got {t.dtype}"
+            )
+
+
+def check_device(**tensors):
+    """All tensors on one device, and one that Triton can run on."""
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name}: expected a tensor on {first.device} (the device of {first_name}); "
+                f"got one on {t.device}"
+            )
+    if first.device.type == "cpu" and not INTERPRETER:
+        raise RuntimeError(
+            f"{first_name}: tinyfuse's Triton kernels need CUDA tensors; got a CPU tensor. "
+            "Use tinyfuse.kernels.reference for plain-PyTorch versions of the same ops, or set "
+            "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter."
+        )
+
+
+def check_hidden(name, n):
+    if n > MAX_HIDDEN:
+        raise ValueError(f"{name}: last dimension at most {MAX_HIDDEN} is supported; got {n}")
+
+
+def as_rows(x):
+    """View x as [rows, last dim] with unit stride along the last dim (copying only if needed)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def row_block(n, target_elements=4096):
+    """Block width for a row of n elements and how many rows one program handles.
+
+    Rows of the small models (64 to 768 wide) are packed several to a program so
+    that a launch has enough work per program and small models are not launch-bound.
+    """
+    block_n = triton.next_power_of_2(max(n, 1))
+    rows = max(1, min(64, target_elements // block_n))
+    return block_n, rows
+
+
+def warps_for(elements):
+    return int(min(16, max(4, elements // 1024)))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def reduction_programs(device, work_items):
+    """Programs for a deterministic two-stage reduction: each writes one partial,
+    the partials are summed in a fixed order afterwards. Depends on shapes only."""
+    if device.type == "cuda":
+        cap = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        cap = 4
+    return max(1, min(cap, work_items))

@@ -1,0 +1,77 @@
+"""Plain-PyTorch versions of every tinyfuse op.
+
+They are the specification the kernels are tested against and what the engine
+runs where Triton cannot. Math is done in float32 (float64 inputs stay float64),
+outputs come back in the input dtype, as the kernels do.
+"""
+import torch
+
+from ._launch import check_float
+
+
+def _compute_dtype(t):
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def rms_norm(x, weight, eps=1e-5):
+    xf = x.to(_compute_dtype(x))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+    return y.to(x.dtype)
+
+
+def add_rms_norm(x, residual, weight, eps=1e-5):
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def _rotate(x, cos, sin, interleaved):
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    c = cos[: x.shape[1]].to(ct)[None, :, None, :]
+    s = sin[: x.shape[1]].to(ct)[None, :, None, :]
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return out.to(x.dtype)
+
+
+def rope(q, k, cos, sin, interleaved=True):
+    return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+
+
+def swiglu(gate, up):
+    ct = _compute_dtype(gate)
+    return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+def _check_targets(target, vocab, ignore_index):
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"target: values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {value}")
+
+
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """torch.nn.functional.cross_entropy plus PaLM's z-loss, z_loss * logsumexp(logits)**2 per token."""
+    check_float("logits", logits, (torch.float64, torch.float32, torch.bfloat16, torch.float16))
+    _check_targets(target, logits.shape[-1], ignore_index)
+    x = logits.to(_compute_dtype(logits))
+    valid = target != ignore_index
+    lse = torch.logsumexp(x, dim=-1)
+    target_logit = x.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - x.mean(-1)) + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss.to(logits.dtype)
+    if reduction == "sum":
+        return loss.sum().to(logits.dtype)
+    return (loss.sum() / valid.sum()).to(logits.dtype)
+
+
+def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, chunk_size=None):
+    """The materialised path: full [N, V] logits. chunk_size is accepted for signature parity."""
+    return cross_entropy(hidden @ weight.T, target, ignore_index, reduction, label_smoothing, z_loss)

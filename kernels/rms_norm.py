@@ -1,0 +1,208 @@
+"""RMSNorm and the fused residual-add + RMSNorm of a pre-norm Llama block.
+
+Forward: one read of x (and the residual), one write of y (and h = x + residual),
+plus a float32 rstd per row kept for the backward. Backward: one read of dy, h
+and rstd, one write of dx; the weight gradient is reduced per program into a
+float32 partial and the partials are summed in a fixed order (no atomics), so
+gradients are bit-identical from run to run.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import (as_rows, check_device, check_float, check_hidden, check_same_dtype, reduction_programs,
+                      row_block, warps_for)
+
+
+@triton.jit
+def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
+                             HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        # h is rounded to the input dtype first: the norm sees exactly the h it returns.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = xf * rstd[:, None] * w[None, :]
+    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows64, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_dh, stride_x,
+                              blocks_per_program,
+                              HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Blocks past the last row are fully masked: no bound check needed.
+    for i in range(0, blocks_per_program):
+        rows = (pid * blocks_per_program + i) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows64, mask=row_mask, other=0.0)
+        xhat = x * rstd[:, None]
+        wdy = w[None, :] * dy
+        c = tl.sum(xhat * wdy, axis=1) / N
+        dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_mask)
+
+
+def _forward(x, residual, weight, eps):
+    n = x.shape[-1]
+    x2 = as_rows(x)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = as_rows(residual)
+        h = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        r2, h = x2, y
+    if m > 0:
+        block_n, rows = row_block(n)
+        _rms_norm_forward_kernel[(triton.cdiv(m, rows),)](
+            x2, r2, weight, y, h, rstd, m, n, x2.stride(0), r2.stride(0), eps,
+            HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+    return y.view(x.shape), h.view(x.shape), rstd
+
+
+@torch.library.custom_op("tinyfuse::rms_norm_forward", mutates_args=())
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = _forward(x, None, weight, eps)
+    return y, rstd
+
+
+@rms_norm_forward.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("tinyfuse::add_rms_norm_forward", mutates_args=())
+def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, residual, weight, eps)
+
+
+@add_rms_norm_forward.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("tinyfuse::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of y = rms_norm(x) w.r.t. x and weight; dh, the gradient reaching
+    h = x + residual directly, is added to dx when the residual stream carries one."""
+    n = x.shape[-1]
+    x2, dy2 = as_rows(x), as_rows(dy)
+    dh2 = as_rows(dh) if dh is not None else dy2
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, rows = row_block(n)
+    programs = reduction_programs(x.device, triton.cdiv(m, rows))
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    if m > 0:
+        _rms_norm_backward_kernel[(programs,)](
+            dy2, dh2, x2, weight, rstd, dx, dw_partial, m, n, dy2.stride(0), dh2.stride(0), x2.stride(0),
+            triton.cdiv(triton.cdiv(m, rows), programs),
+            HAS_DH=dh is not None, ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+    else:
+        dw_partial.zero_()
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+@rms_norm_backward.register_fake
+def _(dy, dh, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = torch.ops.tinyfuse.rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.tinyfuse.rms_norm_backward(dy, None, x, weight, rstd)
+        return dx, dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, h, rstd = torch.ops.tinyfuse.add_rms_norm_forward(x, residual, weight, eps)
+        ctx.save_for_backward(h, weight, rstd)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.tinyfuse.rms_norm_backward(dy, dh, h, weight, rstd)
+        return dx, dx, dw, None
+
+
+def _check(x, weight, **others):
+    check_float("x", x)
+    check_float("weight", weight)
+    for name, t in others.items():
+        check_float(name, t)
+        check_same_dtype(x=x, **{name: t})
+        if t.shape != x.shape:
+            raise ValueError(f"{name}: expected the shape of x {tuple(x.shape)}; got {tuple(t.shape)}")
+    check_device(x=x, weight=weight, **others)
+    if x.dim() == 0:
+        raise ValueError("x: expected at least one dimension; got a scalar")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight: expected shape ({x.shape[-1]},), the last dim of x; got {tuple(weight.shape)}")
+    check_hidden("x", x.shape[-1])
+
+
+def rms_norm(x, weight, eps=1e-5):
+    """x * rsqrt(mean(x**2, -1) + eps) * weight, in float32 math, returned in x's dtype."""
+    _check(x, weight)
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps=1e-5):
+    """(rms_norm(x + residual), x + residual) in one pass: the pre-norm residual stream."""
+    _check(x, weight, residual=residual)
+    return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+class RMSNorm(torch.nn.Module):
+    """Drop-in for torch.nn.RMSNorm(dim, eps) backed by the fused kernel."""
+
+    def __init__(self, dim, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"

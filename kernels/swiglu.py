@@ -1,0 +1,121 @@
+"""SwiGLU: silu(gate) * up, the gated MLP activation of Llama.
+
+Forward reads gate and up once and writes y; backward reads dy, gate and up
+once and writes both gradients, recomputing the sigmoid instead of storing it.
+gate and up may be row-strided views (the two halves of one fused projection).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import as_rows, check_device, check_float, check_same_dtype, warps_for
+
+
+@triton.jit
+def _swiglu_forward_kernel(G, U, Y, M, N, stride_g, stride_u, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_u,
+                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    silu = g * s
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    du = dy * silu
+    tl.store(DG + rows64 * N + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows64 * N + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _tiles(m, n):
+    block_n = min(triton.next_power_of_2(max(n, 1)), 2048)
+    rows = max(1, min(64, 2048 // block_n))
+    return (triton.cdiv(m, rows), triton.cdiv(n, block_n)), rows, block_n
+
+
+@torch.library.custom_op("tinyfuse::swiglu_forward", mutates_args=())
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    g2, u2 = as_rows(gate), as_rows(up)
+    m, n = g2.shape
+    y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    if y.numel() > 0:
+        grid, rows, block_n = _tiles(m, n)
+        _swiglu_forward_kernel[grid](g2, u2, y, m, n, g2.stride(0), u2.stride(0),
+                                     ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+    return y.view(gate.shape)
+
+
+@swiglu_forward.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
+    m, n = g2.shape
+    dg = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    du = torch.empty((m, n), dtype=up.dtype, device=up.device)
+    if dg.numel() > 0:
+        grid, rows, block_n = _tiles(m, n)
+        _swiglu_backward_kernel[grid](dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0),
+                                      ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+@swiglu_backward.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.ops.tinyfuse.swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return torch.ops.tinyfuse.swiglu_backward(dy, gate, up)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up in float32 math, returned in gate's dtype."""
+    check_float("gate", gate)
+    check_float("up", up)
+    check_same_dtype(gate=gate, up=up)
+    if gate.shape != up.shape:
+        raise ValueError(f"up: expected the shape of gate {tuple(gate.shape)}; got {tuple(up.shape)}")
+    if gate.dim() == 0:
+        raise ValueError("gate: expected at least one dimension; got a scalar")
+    check_device(gate=gate, up=up)
+    return SwiGLUFunction.apply(gate, up)
+
+
+class SwiGLU(torch.nn.Module):
+    """The Llama MLP: w2(swiglu(w1 x, w3 x)), with w1 and w3 fused into one projection."""
+
+    def __init__(self, dim, hidden_dim, device=None, dtype=None):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.w13 = torch.nn.Linear(dim, 2 * hidden_dim, bias=False, device=device, dtype=dtype)
+        self.w2 = torch.nn.Linear(hidden_dim, dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
+        return self.w2(swiglu(gate, up))

@@ -1,0 +1,52 @@
+"""The installed package: public names, the CLI, and the CPU error outside the interpreter."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_public_api_names():
+    from tinyfuse.kernels import RMSNorm, SwiGLU, add_rms_norm, reference, rms_norm, rope, swiglu  # noqa: F401
+
+    for name in ("rms_norm", "add_rms_norm", "rope", "swiglu"):
+        assert callable(getattr(reference, name))
+
+
+def test_cpu_tensor_without_interpreter_points_to_reference():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch\n"
+        "from tinyfuse.kernels import rms_norm\n"
+        "try:\n"
+        "    rms_norm(torch.randn(2, 8), torch.ones(8))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "x: tinyfuse's Triton kernels need CUDA tensors" in out
+    assert "tinyfuse.kernels.reference" in out and "TRITON_INTERPRET=1" in out
+
+
+@pytest.mark.parametrize("command", [["tinyfuse"], [sys.executable, "-m", "tinyfuse.engine"]])
+def test_cli_entry_points(command):
+    out = subprocess.run(command + ["--help"], capture_output=True, text=True, check=True).stdout
+    assert "demo" in out
+
+
+def test_demo_checks_kernels_against_reference():
+    result = subprocess.run(["tinyfuse", "demo", "--tokens", "16"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for op in ("add_rms_norm", "rope", "swiglu"):
+        assert op in result.stdout
+    assert "agree with the float64 reference" in result.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    readme = open(os.path.join(root, "README.md")).read()
+    blocks = readme.split("```\n")
+    commands = [b.strip() for b in blocks[1::2] if b.strip().startswith("pip install")]
+    assert len(commands) == 2, "the README keeps exactly two set-up commands"
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in open(os.path.join(root, ".ci", "run")).read()

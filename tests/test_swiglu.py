@@ -1,0 +1,92 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from conftest import COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
+from tinyfuse.kernels import SwiGLU, reference, swiglu
+
+
+def check_swiglu(gate, up, dtype):
+    y = swiglu(gate, up)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    g64, u64 = as_float64_leaf(gate), as_float64_leaf(up)
+    reference.swiglu(g64, u64).backward(dy.double())
+    y64 = reference.swiglu(g64.detach(), u64.detach())
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dtype and y.shape == gate.shape
+    assert rel_err(y, y64) < tol
+    assert rel_err(gate.grad, g64.grad) < tol
+    assert rel_err(up.grad, u64.grad) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [172, 768, 2048, 5000])
+def test_swiglu_matches_float64(width, dtype):
+    check_swiglu(leaf((3, 7, width), dtype, scale=3.0), leaf((3, 7, width), dtype), dtype)
+
+
+def test_halves_of_a_fused_projection():
+    proj = leaf((2, 9, 2 * 172), torch.float32).detach()
+    gate, up = (t.requires_grad_() for t in proj.split(172, dim=-1))
+    assert not gate.is_contiguous()
+    check_swiglu(gate, up, torch.float32)
+    gate_t = leaf((40, 30), torch.float32).detach().t().requires_grad_()
+    check_swiglu(gate_t, leaf((30, 40), torch.float32), torch.float32)
+
+
+def test_zero_rows():
+    gate, up = leaf((0, 172), torch.float32), leaf((0, 172), torch.float32)
+    y = swiglu(gate, up)
+    y.sum().backward()
+    assert y.shape == (0, 172) and gate.grad.shape == (0, 172)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 50), width=st.integers(1, 3000), dtype=st.sampled_from(DTYPES))
+def test_hypothesis_shapes(rows, width, dtype):
+    check_swiglu(leaf((rows, width), dtype, scale=2.0), leaf((rows, width), dtype), dtype)
+
+
+def test_module_matches_reference_mlp():
+    mlp = SwiGLU(64, 172).to(DEVICE)
+    x = torch.randn(3, 5, 64, device=DEVICE)
+    gate, up = (x @ mlp.w13.weight.T).split(172, dim=-1)
+    ref = reference.swiglu(gate, up) @ mlp.w2.weight.T
+    assert rel_err(mlp(x), ref) < 1e-5
+
+
+def test_torch_compile_fullgraph():
+    gate, up = leaf((4, 300), torch.float32), leaf((4, 300), torch.float32)
+    out = torch.compile(lambda g, u: swiglu(g * 2.0, u).sum(-1), fullgraph=True, backend=COMPILE_BACKEND)(gate, up)
+    out.sum().backward()
+    g64, u64 = as_float64_leaf(gate), as_float64_leaf(up)
+    ref = reference.swiglu(g64 * 2.0, u64).sum(-1)
+    ref.sum().backward()
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(gate.grad, g64.grad) < 1e-5 and rel_err(up.grad, u64.grad) < 1e-5
+
+
+def test_bad_inputs_get_clear_errors():
+    g = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="up: expected the shape of gate"):
+        swiglu(g, torch.randn(4, 9, device=DEVICE))
+    with pytest.raises(TypeError, match="up: expected the dtype of gate"):
+        swiglu(g, g.bfloat16())
+    with pytest.raises(TypeError, match="gate: expected dtype"):
+        swiglu(g.int(), g)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: tensors on two devices")
+def test_mixed_devices_rejected():
+    with pytest.raises(ValueError, match="up: expected a tensor on cuda"):
+        swiglu(torch.randn(4, 8, device="cuda"), torch.randn(4, 8))
+
+
+@pytest.mark.skipif(not CUDA, reason="over 2^31 elements: needs a GPU (4 GiB), far too slow in the interpreter")
+def test_int64_offsets():
+    rows, width = (1 << 31) // 4096 + 8, 4096
+    gate = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    y = swiglu(gate, up)
+    assert rel_err(y[-16:], reference.swiglu(gate[-16:].double(), up[-16:].double())) < TOLERANCE[torch.bfloat16]
