@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._launch import check_device, check_float
 
-_FLOOR = -1.0e30  # stands in for -inf in masked lanes: exp(_FLOOR - m) is 0, never NaN
+_FLOOR = tl.constexpr(-1.0e30)  # stands in for -inf in masked lanes: exp(_FLOOR - m) is 0, never NaN
 
 
 @triton.jit

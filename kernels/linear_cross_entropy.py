@@ -5,11 +5,10 @@ reduced to per-row loss and logsumexp by the cross-entropy kernel, and dropped.
 The backward recomputes each chunk's logits (the same matmul, so the same bits),
 turns them into their gradient in place with the saved logsumexp, and folds
 them into grad_hidden and a float32 grad_weight. Peak extra memory is one chunk
-of logits plus the float32 weight gradient; the price is one more matmul than
-the materialised path.
+of logits plus the gradients (grad_weight accumulated in float32); the price is
+one more matmul than the materialised path.
 """
 import torch
-import triton
 
 from ._launch import check_device, check_float, check_same_dtype
 from .cross_entropy import (check_loss_options, check_target_range, cross_entropy_grad_rows, cross_entropy_rows,
@@ -17,18 +16,22 @@ from .cross_entropy import (check_loss_options, check_target_range, cross_entrop
 
 
 def default_chunk_size(n, v, d):
-    """Rows per chunk: chunk logits about the size of hidden (n * d elements), at least
-    256 rows so each matmul still fills the GPU, never more than n."""
-    return max(1, min(n, max(256, triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, d))))))
+    """Rows per chunk: chunk logits of max(n * d, 2^26) elements (the size of hidden, or
+    128 MiB in bf16 when hidden is smaller, so each matmul is large enough to run
+    near peak), rounded down to a power of two, at least 256 rows, at most n."""
+    rows = max(n * d, 1 << 26) // v
+    return max(1, min(n, max(256, 1 << max(rows, 1).bit_length() - 1)))
 
 
-def _matmul_float32(a, b):
-    """a @ b with a float32 result; on CUDA the product stays on the low-precision tensor cores."""
+def _accumulate_float32(acc, a, b):
+    """acc += a @ b in place, acc float32; on CUDA the product stays on the bf16/fp16
+    tensor cores and cuBLAS adds it into acc (beta = 1), with no float32 temporary."""
     if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 @torch.library.custom_op("tinyfuse::linear_cross_entropy_forward", mutates_args=())
@@ -65,7 +68,7 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, ta
         cross_entropy_grad_rows(logits, target[rows], lse[rows], grad_loss[rows], ignore_index, label_smoothing,
                                 z_loss, logits)
         torch.mm(logits, weight, out=grad_hidden[rows])
-        grad_weight += _matmul_float32(logits.T, hidden[rows])
+        _accumulate_float32(grad_weight, logits.T, hidden[rows])
     return grad_hidden, grad_weight.to(weight.dtype)
 
 
