@@ -59,12 +59,14 @@ def check_hidden(name, n):
         raise ValueError(f"{name}: last dimension at most {MAX_HIDDEN} is supported; got {n}")
 
 
+def unit_last_stride(x):
+    """x itself when its last dim is contiguous (kernels take the other strides as arguments), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def as_rows(x):
     """View x as [rows, last dim] with unit stride along the last dim (copying only if needed)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return x2
+    return unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
 def row_block(n, target_elements=4096):

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_float
+from ._launch import check_device, check_float, unit_last_stride
 
 _FLOOR = tl.constexpr(-1.0e30)  # stands in for -inf in masked lanes: exp(_FLOOR - m) is 0, never NaN
 
@@ -79,10 +79,6 @@ def _block_v(v):
     return min(triton.next_power_of_2(v), 4096)
 
 
-def _unit_last_stride(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse):
     """Per-row float32 loss and logsumexp of logits [N, V] into loss and lse (launch only)."""
     n, v = logits.shape
@@ -103,7 +99,7 @@ def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_
 @torch.library.custom_op("tinyfuse::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float,
                           z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = _unit_last_stride(logits)
+    logits = unit_last_stride(logits)
     n = logits.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -121,7 +117,7 @@ def _(logits, target, ignore_index, label_smoothing, z_loss):
 def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
                            ignore_index: int, label_smoothing: float, z_loss: float,
                            grad_logits: torch.Tensor) -> None:
-    cross_entropy_grad_rows(_unit_last_stride(logits), target, lse, grad_loss, ignore_index, label_smoothing,
+    cross_entropy_grad_rows(unit_last_stride(logits), target, lse, grad_loss, ignore_index, label_smoothing,
                             z_loss, grad_logits)
 
 

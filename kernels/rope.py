@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_float, check_same_dtype, warps_for
+from ._launch import check_device, check_float, check_same_dtype, unit_last_stride, warps_for
 
 
 @triton.jit
@@ -56,15 +56,11 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, n_tokens, T, HQ, HK,
                   HALF, INTERLEAVED, BLOCK_HK)
 
 
-def _unit_last_stride(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @torch.library.custom_op("tinyfuse::rope", mutates_args=())
 def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                 inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by the angles of cos/sin (by their negatives when inverse: the backward)."""
-    q, k, cos, sin = (_unit_last_stride(t) for t in (q, k, cos, sin))
+    q, k, cos, sin = (unit_last_stride(t) for t in (q, k, cos, sin))
     B, T, HQ, D = q.shape
     HK = k.shape[2]
     q_out = torch.empty((B, T, HQ, D), dtype=q.dtype, device=q.device)
