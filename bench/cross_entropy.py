@@ -66,7 +66,6 @@ def bench_cross_entropy(n, v, dtype, cbw):
     ideal_bytes = 2 * n * v * logits.element_size()
     rows = []
     for name, fn in impls.items():
-        logits.grad = None
         ms = median_ms(lambda: (setattr(logits, "grad", None), fn()))
         mem = peak_mb(fn, logits)
         gbps = ideal_bytes / ms / 1e6
