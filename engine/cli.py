@@ -86,6 +86,39 @@ def demo(args):
     return 0
 
 
+def prepare(args):
+    """Corpus -> tokenizer -> shards, or --verify of a prepared folder."""
+    from .data import DataError, prepare as run_prepare, verify
+
+    if args.verify:
+        problems = verify(args.verify)
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        if problems:
+            return 1
+        print(f"{args.verify}: manifest, tokenizer and every shard check out")
+        return 0
+    if not args.out:
+        print("tinyfuse prepare: --out DIR is required (or --verify DIR)", file=sys.stderr)
+        return 2
+    try:
+        manifest = run_prepare(
+            source=args.source, out_dir=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction, workers=args.workers, seed=args.seed,
+            stories=args.stories if args.stories > 0 else None, tinystories_format=args.tinystories_format,
+            hub_url=args.hub_url, cache_dir=args.cache_dir, shard_tokens=args.shard_tokens,
+        )
+    except (DataError, FileNotFoundError) as e:
+        print(f"tinyfuse prepare: {e}", file=sys.stderr)
+        return 1
+    for split in ("train", "val"):
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        tokens, stories = sum(s["tokens"] for s in shards), sum(s["stories"] for s in shards)
+        print(f"{split}: {stories} stories, {tokens} tokens in {len(shards)} shard(s)")
+    print(f"wrote {args.out} (vocab {manifest['vocab_size']}, {manifest['dtype']})")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinyfuse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +127,29 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per op on CUDA (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+
+    from .data import DEFAULT_SHARD_TOKENS, HUB_URL
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into shards of raw tokens (or --verify a prepared folder)")
+    p.add_argument("--source", default="synthetic",
+                   help="synthetic (default, built in), tinystories (download), or a .txt/.json file or folder")
+    p.add_argument("--out", help="folder for the shards, tokenizer and manifest.json")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--tokenizer", help="an existing SentencePiece .model to encode with")
+    group.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this size (default 512)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="stories held out for val (default 0.01)")
+    p.add_argument("--workers", type=int, default=None, help="threads for training and encoding (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus and the val choice")
+    p.add_argument("--stories", type=int, default=100_000,
+                   help="synthetic corpus size; a cap on other sources (0: no cap; default 100000)")
+    p.add_argument("--tinystories-format", choices=["json", "v2"], default="json",
+                   help="the original archive of JSON shards, or the GPT-4 V2 text files")
+    p.add_argument("--hub-url", default=os.environ.get("TINYFUSE_HUB_URL", HUB_URL),
+                   help="where the TinyStories files are (default: the Hugging Face hub; env TINYFUSE_HUB_URL)")
+    p.add_argument("--cache-dir", help="where downloads are kept (default ~/.cache/tinyfuse)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard, at most")
+    p.add_argument("--verify", metavar="DIR", help="check a prepared folder instead of preparing one")
+    p.set_defaults(func=prepare)
     return parser
 
 

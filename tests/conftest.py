@@ -58,3 +58,17 @@ def leaf(shape, dtype, scale=1.0):
 
 def as_float64_leaf(t):
     return t.detach().double().requires_grad_()
+
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture
+def shared_data():
+    """../shared/data beside the checkout: skipped when absent, except under CI=true."""
+    if not os.path.isdir(SHARED_DATA):
+        message = f"shared data folder {SHARED_DATA} is absent (it holds stories260K.bin, tok512.model, ...)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI must provide it")
+        pytest.skip(message)
+    return SHARED_DATA

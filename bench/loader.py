@@ -1,0 +1,97 @@
+"""Loader benchmark: tokens/s of the C++ TokenLoader against the numpy ReferenceLoader, on CPU.
+
+    python -m pytest bench/loader.py          # pytest-benchmark tables
+    python -m tinyfuse.bench.loader            # one line per loader and shape
+
+The corpus is 2^24 random uint16 tokens (32 MB) in four shards, read shuffled: every window
+is a random place in the file, as in training. The figure is B*T tokens over the median
+time of one `next(loader)` (int64 inputs and targets on the CPU).
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from tinyfuse.engine.loader import ReferenceLoader, TokenLoader
+
+SHAPES = [(32, 256), (16, 1024)]
+LOADERS = {"tinyfuse (C++)": TokenLoader, "reference (numpy)": ReferenceLoader}
+
+
+def make_corpus(folder, tokens=1 << 24, shards=4, vocab=32000, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    per_shard = tokens // shards
+    for i in range(shards):
+        name = f"train_{i:03d}.bin"
+        rng.integers(0, vocab, per_shard, dtype=np.uint16).tofile(os.path.join(folder, name))
+        entries.append({"file": name, "split": "train", "tokens": per_shard, "stories": 0})
+    manifest = {"format": "tinyfuse-shards/1", "tokenizer": {"path": "", "source": "none", "sha256": ""},
+                "vocab_size": vocab, "bos_id": 1, "eos_id": 2, "dtype": "uint16", "shards": entries}
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return folder
+
+
+def batch_seconds(loader, batches=200, warmup=20):
+    """Median seconds of one next(loader), after warm-up (the C++ ring is full by then)."""
+    for _ in range(warmup):
+        next(loader)
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        next(loader)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(folder, batches=200):
+    """[{"impl", "batch_size", "seq_len", "tokens_per_s"}] for each loader and shape."""
+    rows = []
+    for batch_size, seq_len in SHAPES:
+        for impl, cls in LOADERS.items():
+            loader = cls(folder, batch_size=batch_size, seq_len=seq_len, seed=0)
+            seconds = batch_seconds(loader, batches)
+            loader.close()
+            rows.append({"impl": impl, "batch_size": batch_size, "seq_len": seq_len,
+                         "tokens_per_s": batch_size * seq_len / seconds})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(str(tmp_path_factory.mktemp("loader-corpus")))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", list(LOADERS))
+def test_loader_throughput(benchmark, corpus, impl, shape):
+    batch_size, seq_len = shape
+    loader = LOADERS[impl](corpus, batch_size=batch_size, seq_len=seq_len, seed=0)
+    for _ in range(20):
+        next(loader)
+    benchmark.pedantic(next, args=(loader,), rounds=300, iterations=1, warmup_rounds=10)
+    benchmark.extra_info["tokens_per_s"] = batch_size * seq_len / benchmark.stats.stats.median
+    loader.close()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=300)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run(make_corpus(tmp), args.batches)
+    for row in rows:
+        reference = next(r for r in rows if r["impl"].startswith("reference") and r["seq_len"] == row["seq_len"])
+        print(f"{row['impl']:<20} B={row['batch_size']:<3} T={row['seq_len']:<5} "
+              f"{row['tokens_per_s'] / 1e6:8.1f} M tokens/s  ({row['tokens_per_s'] / reference['tokens_per_s']:.1f}x reference)")
+
+
+if __name__ == "__main__":
+    main()
