@@ -1,7 +1,9 @@
 """The `tinyfuse` command line (also `python -m tinyfuse.engine`)."""
 import argparse
 import os
+import signal
 import sys
+import time
 
 
 def _select_backend():
@@ -13,77 +15,6 @@ def _select_backend():
     if "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     return "cpu"
-
-
-def _median_cuda_ms(fn, repeats):
-    import torch
-
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def demo(args):
-    """Run every fused kernel forward and backward on a stories15M-shaped batch and
-    check it against the float64 reference."""
-    device = _select_backend()
-    import torch
-
-    from tinyfuse.kernels import add_rms_norm, reference, rope, rope_tables, swiglu
-
-    torch.manual_seed(args.seed)
-    rows = args.tokens
-    dim, hidden, heads, head_dim = 288, 768, 6, 48
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    mode = "CUDA" if device == "cuda" else "Triton interpreter on CPU (no CUDA device found)"
-    print(f"tinyfuse kernel demo: {rows} tokens of stories15M shapes, {str(dtype).replace('torch.', '')}, {mode}")
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
-
-    cos, sin = rope_tables(rows, head_dim, device=device)
-    cases = {
-        "add_rms_norm": ((randn(rows, dim), randn(rows, dim), randn(dim)),
-                         lambda x, r, w: add_rms_norm(x, r, w)[0], lambda x, r, w: reference.add_rms_norm(x, r, w)[0]),
-        "rope": ((randn(1, rows, heads, head_dim), randn(1, rows, heads, head_dim)),
-                 lambda q, k: torch.cat(rope(q, k, cos, sin), 2),
-                 lambda q, k: torch.cat(reference.rope(q, k, cos, sin), 2)),
-        "swiglu": ((randn(rows, hidden), randn(rows, hidden)), swiglu, reference.swiglu),
-    }
-    worst = 0.0
-    print(f"{'op':<14}{'fwd err':>10}{'grad err':>10}{'fused ms':>10}{'torch ms':>10}")
-    for name, (inputs, fused, ref) in cases.items():
-        out = fused(*inputs)
-        grad_out = torch.randn_like(out)
-        grads = torch.autograd.grad(out, inputs, grad_out)
-        inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-        out64 = ref(*inputs64)
-        grads64 = torch.autograd.grad(out64, inputs64, grad_out.double())
-        err = ((out.double() - out64).norm() / out64.norm()).item()
-        gerr = max(((g.double() - g64).norm() / g64.norm()).item() for g, g64 in zip(grads, grads64))
-        worst = max(worst, err, gerr)
-
-        def step(fn):
-            return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
-
-        if device == "cuda":
-            timing = f"{_median_cuda_ms(step(fused), args.repeats):>10.3f}{_median_cuda_ms(step(ref), args.repeats):>10.3f}"
-        else:
-            timing = f"{'-':>10}{'-':>10}"  # interpreter times say nothing about the kernels
-        print(f"{name:<14}{err:>10.2e}{gerr:>10.2e}{timing}")
-    bound = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    if worst > bound:
-        print(f"FAILED: largest relative error {worst:.2e} exceeds {bound:.0e}")
-        return 1
-    print(f"all kernels agree with the float64 reference (largest relative error {worst:.2e})")
-    return 0
 
 
 def prepare(args):
@@ -119,15 +50,154 @@ def prepare(args):
     return 0
 
 
+def _typed(annotation):
+    """The argparse type of a dataclass field: int, float, str or bool (Optional unwrapped)."""
+    text = str(annotation)
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text == name or text.startswith(name + " ") or text == f"<class '{name}'>":
+            return kind
+    return None
+
+
+def _add_dataclass_flags(parser, cls, skip=()):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        kind = _typed(f.type)
+        if kind is None or f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper())
+
+
+def train_config(args):
+    """TrainConfig from the TOML file, then the flags (flags win)."""
+    import dataclasses
+
+    from .model import ModelConfig
+    from .train import TrainConfig
+
+    values = {}
+    if args.config:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        with open(args.config, "rb") as f:
+            values = tomllib.load(f)
+    model = dict(values.pop("model", {}))
+    given = vars(args)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in given:
+            model[f.name] = given[f.name]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in given and f.name != "model":
+            values[f.name] = given[f.name]
+    values["model"] = model
+    return TrainConfig.from_dict(values)
+
+
+def default_data_dir():
+    from .data import default_cache_dir
+
+    return os.path.join(default_cache_dir(), "synthetic-512")
+
+
+def train(args):
+    """The main job: train a model; with no arguments, stories260K on the built-in corpus."""
+    _select_backend()
+    from .data import DataError, prepare as run_prepare, read_manifest
+    from .train import Interrupted, Trainer
+
+    try:
+        cfg = train_config(args)
+        cfg.validate()
+    except (ValueError, TypeError, OSError) as e:
+        print(f"tinyfuse train: {e}", file=sys.stderr)
+        return 2
+    if cfg.data is None:
+        cfg.data = default_data_dir()
+        if not os.path.isfile(os.path.join(cfg.data, "manifest.json")):
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                print("tinyfuse train: under torchrun, prepare the data first (tinyfuse prepare --out DIR) "
+                      "and pass --data DIR", file=sys.stderr)
+                return 2
+            print(f"preparing the built-in synthetic corpus in {cfg.data} (once)")
+            run_prepare("synthetic", cfg.data, vocab_size=512)
+    if cfg.out is None:
+        cfg.out = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        read_manifest(cfg.data)
+        if not args.resume and os.path.isdir(cfg.out) and any(f.startswith("ckpt_") for f in os.listdir(cfg.out)):
+            raise ValueError(f"{cfg.out} already holds checkpoints: pass --resume to continue it, or another --out")
+        trainer = Trainer(cfg)
+        if args.resume:
+            trainer.resume()
+    except (ValueError, FileNotFoundError, ImportError, DataError) as e:
+        print(f"tinyfuse train: {e}", file=sys.stderr)
+        return 2
+    say = print if trainer.master else (lambda *a, **k: None)
+    m = trainer.model_cfg
+    say(f"training {cfg.preset if not cfg.init_from else cfg.init_from} ({trainer.model.num_params() / 1e6:.2f}M parameters: "
+          f"dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, {m.n_kv_heads} kv heads, vocab {m.vocab_size}) "
+          f"on {trainer.device} with kernels={trainer.kernels}, {trainer.tokens_per_step} tokens/step, "
+          f"{cfg.max_steps} steps -> {cfg.out}")
+    try:
+        trainer.fit()
+    except Interrupted as e:
+        return 128 + signal.Signals[str(e)].value
+    except FloatingPointError as e:
+        print(f"tinyfuse train: {e}", file=sys.stderr)
+        return 1
+    if trainer.master and cfg.sample_tokens > 0:
+        from .sample import load_tokenizer_bytes, story
+
+        sp = load_tokenizer_bytes(trainer.state_dict()["tokenizer"])
+        say("\n--- a story from the trained model ---")
+        say(story(trainer.model, sp, max_new_tokens=cfg.sample_tokens, seed=cfg.seed))
+    say(f"\ncheckpoint and metrics in {cfg.out}")
+    return 0
+
+
+def sample(args):
+    """Generate a story from a checkpoint."""
+    _select_backend()
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import DataError, load_tokenizer
+    from .model import Transformer, default_kernels
+    from .sample import load_tokenizer_bytes, story
+
+    try:
+        cfg, state, tok_bytes = load_checkpoint(args.checkpoint)
+        if args.tokenizer:
+            sp = load_tokenizer(args.tokenizer)
+        elif tok_bytes:
+            sp = load_tokenizer_bytes(tok_bytes)
+        else:
+            raise ValueError(f"{args.checkpoint} carries no tokenizer: give --tokenizer MODEL")
+        if sp.vocab_size() != cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {sp.vocab_size()} tokens, the model's vocabulary {cfg.vocab_size}")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = Transformer(cfg, kernels=args.kernels or default_kernels(device))
+        model.load_state_dict(state)
+        model.to(device)
+        text = story(model, sp, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_p=args.top_p, seed=args.seed)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"tinyfuse sample: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinyfuse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the fused kernels against the reference and time them")
-    p.add_argument("--tokens", type=int, default=256, help="rows in the demo batch (default 256)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per op on CUDA (median reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
-
     from .data import DEFAULT_SHARD_TOKENS, HUB_URL
 
     p = sub.add_parser("prepare", help="tokenize a corpus into shards of raw tokens (or --verify a prepared folder)")
@@ -150,6 +220,30 @@ def build_parser():
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard, at most")
     p.add_argument("--verify", metavar="DIR", help="check a prepared folder instead of preparing one")
     p.set_defaults(func=prepare)
+
+    from .model import ModelConfig
+    from .train import TrainConfig
+
+    p = sub.add_parser("train", help="train a model (with no arguments: stories260K on the built-in corpus)",
+                       description="Settings come from the TOML --config (a [model] table overrides the preset), "
+                                   "then from the flags, which win.")
+    p.add_argument("--config", help="a TOML file of training settings")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_dataclass_flags(p, TrainConfig, skip=("model",))
+    _add_dataclass_flags(p, ModelConfig)
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("sample", help="generate a story from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tokenizer", help="a SentencePiece .model (default: the one the checkpoint carries)")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default: cuda when present")
+    p.add_argument("--kernels", choices=["triton", "torch"], help="default: triton on CUDA, torch elsewhere")
+    p.set_defaults(func=sample)
     return parser
 
 

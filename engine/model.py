@@ -1,0 +1,246 @@
+"""The Llama model of llama2.c, readable top to bottom.
+
+Token embedding tied to the output layer, pre-norm RMSNorm, rotary embeddings (interleaved
+pairs, theta 10000), grouped-query attention, SwiGLU MLP, no biases. The q/k/v and the
+gate/up projections are fused into one matrix each (one GEMM instead of three or two);
+interop splits them back into llama2.c's wq/wk/wv and w1/w3.
+
+kernels="triton" runs the fused ops of tinyfuse.kernels; kernels="torch" the same functions
+from tinyfuse.kernels.reference. The residual stream runs in the compute dtype (bf16 under
+autocast), which both paths share, so they agree to that dtype's rounding.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None: as many as n_heads
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # None: multiple_of * ceil(int(8 * dim / 3) / multiple_of)
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None and self.multiple_of > 0:
+            self.hidden_dim = self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    def validate(self):
+        """Raise ValueError with one clear line for a configuration that cannot be built."""
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model {name} must be a positive integer; got {value!r}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("model norm_eps and rope_theta must be positive")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model head dim {self.head_dim} (dim / n_heads) is odd; RoPE rotates pairs")
+        return self
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+PRESETS = {
+    "stories260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, multiple_of=4, max_seq_len=512, vocab_size=512),
+    "stories15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256, vocab_size=32000),
+    "stories42M": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, max_seq_len=1024, vocab_size=32000),
+    "stories110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, vocab_size=32000),
+}
+
+
+def preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def _ops(kernels):
+    if kernels == "triton":
+        import tinyfuse.kernels as ops
+    elif kernels == "torch":
+        from tinyfuse.kernels import reference as ops
+    else:
+        raise ValueError(f"kernels must be 'triton' or 'torch'; got {kernels!r}")
+    return ops
+
+
+def default_kernels(device):
+    """The fused kernels where Triton compiles them (CUDA); the reference ops elsewhere."""
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: str):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attention = attention
+        if attention == "flash-attn":
+            try:
+                from flash_attn import flash_attn_func
+            except ImportError as e:
+                raise ImportError("attention='flash-attn' needs the flash-attn package: pip install -e \".[flash-attn]\"") from e
+            self._flash = flash_attn_func
+        elif attention != "sdpa":
+            raise ValueError(f"attention must be 'sdpa' or 'flash-attn'; got {attention!r}")
+
+    def forward(self, x, cos, sin, ops, cache=None, start=0):
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
+        q, k = ops.rope(q, k, cos[start:start + t], sin[start:start + t], interleaved=True)
+        if cache is not None:  # [B, max_seq, kv_heads, head_dim] each, filled up to start + t
+            cache[0][:b, start:start + t] = k
+            cache[1][:b, start:start + t] = v
+            k, v = cache[0][:b, :start + t], cache[1][:b, :start + t]
+        if self.attention == "flash-attn":
+            y = self._flash(q, k, v, causal=True)
+        else:
+            # Causal within the new tokens; a single new token attends to the whole cache.
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                is_causal=t > 1, enable_gqa=self.n_heads != self.n_kv_heads,
+            ).transpose(1, 2)
+        return self.wo(y.reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden_dim = cfg.hidden_dim
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x, ops):
+        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
+        return self.w2(ops.swiglu(gate, up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: str):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.attention_norm = nn.Parameter(torch.ones(cfg.dim))
+        self.attention = Attention(cfg, attention)
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.dim))
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, delta, residual, cos, sin, ops, cache=None, start=0):
+        """Takes the previous block's output `delta` and the residual stream before it; the
+        add and the norm are one fused op."""
+        if residual is None:
+            residual = delta
+            h = ops.rms_norm(residual, self.attention_norm.to(delta.dtype), self.eps)
+        else:
+            h, residual = ops.add_rms_norm(delta, residual, self.attention_norm.to(delta.dtype), self.eps)
+        delta = self.attention(h, cos, sin, ops, cache, start)
+        h, residual = ops.add_rms_norm(delta, residual, self.ffn_norm.to(delta.dtype), self.eps)
+        return self.feed_forward(h, ops), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels="torch", attention="sdpa"):
+        super().__init__()
+        self.config = cfg.validate()
+        self.kernels = kernels
+        self.ops = _ops(kernels)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.dim))
+        self._rope = None  # float32 tables, kept out of .to(dtype)'s reach
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """N(0, 0.02); the projections that write into the residual stream (wo, w2) get
+        0.02 / sqrt(2 * n_layers), as in GPT-2 and llama2.c."""
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def num_params(self):
+        """Parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def rope_tables(self, device):
+        if self._rope is None or self._rope[0].device != device:
+            from tinyfuse.kernels.rope import rope_tables
+
+            cfg = self.config
+            self._rope = rope_tables(cfg.max_seq_len, cfg.head_dim, theta=cfg.rope_theta, device=device)
+        return self._rope
+
+    def _trunk(self, tokens, caches=None, start=0):
+        b, t = tokens.shape
+        cos, sin = self.rope_tables(tokens.device)
+        if start + t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the model's max_seq_len {self.config.max_seq_len}")
+        dtype = torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type) \
+            else self.tok_embeddings.weight.dtype
+        delta, residual = self.tok_embeddings(tokens).to(dtype), None
+        for i, layer in enumerate(self.layers):
+            delta, residual = layer(delta, residual, cos, sin, self.ops,
+                                    None if caches is None else caches[i], start)
+        h, _ = self.ops.add_rms_norm(delta, residual, self.norm.to(dtype), self.config.norm_eps)
+        return h
+
+    def forward(self, tokens, targets=None):
+        """With targets: the mean next-token loss (fused linear cross-entropy, no [N, V]
+        logits). Without: the logits of every position."""
+        h = self._trunk(tokens)
+        weight = self.tok_embeddings.weight.to(h.dtype)
+        if targets is None:
+            return h @ weight.T
+        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
+        return loss.float()
+
+    def new_cache(self, batch_size, device, dtype):
+        cfg = self.config
+        shape = (batch_size, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(cfg.n_layers)]
+
+    def forward_cached(self, tokens, caches, start):
+        """Logits of the last position, appending the tokens' keys and values to the caches."""
+        h = self._trunk(tokens, caches, start)[:, -1]
+        return h @ self.tok_embeddings.weight.to(h.dtype).T
+
+    def flops_per_token(self, seq_len):
+        """PaLM's estimate: 6 N for the matmuls with weights, 12 L H Q T for attention."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

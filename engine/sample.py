@@ -1,0 +1,62 @@
+"""Sampling with a KV cache: temperature, nucleus (top-p), seeded, stopping at BOS or EOS."""
+import torch
+
+
+def pick(logits, temperature, top_p, generator):
+    """The next token from float logits [V]: argmax at temperature 0, else a draw from the
+    smallest set of tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        sorted_probs = torch.where(keep, sorted_probs, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed=0, stop=()):
+    """Token ids continuing `prompt` (a list starting with BOS) until a stop id, the token
+    budget, or the model's context runs out."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
+    if not prompt:
+        raise ValueError("the prompt needs at least one token (BOS)")
+    device = model.tok_embeddings.weight.device
+    limit = model.config.max_seq_len
+    if len(prompt) >= limit:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    was_training = model.training
+    model.eval()
+    caches = model.new_cache(1, device, dtype)
+    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        logits = model.forward_cached(torch.tensor([prompt], device=device), caches, 0)
+        out, position = [], len(prompt)  # position: where the next token goes
+        while len(out) < max_new_tokens and position < limit:
+            token = pick(logits[0], temperature, top_p, generator)
+            if token in stop:
+                break
+            out.append(token)
+            if len(out) < max_new_tokens and position + 1 < limit:
+                logits = model.forward_cached(torch.tensor([[token]], device=device), caches, position)
+            position += 1
+    model.train(was_training)
+    return out
+
+
+def load_tokenizer_bytes(blob):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_proto=blob)
+
+
+def story(model, sp, prompt="", **kwargs):
+    """Decoded text: the prompt and its continuation."""
+    ids = [sp.bos_id()] + (sp.encode(prompt) if prompt else [])
+    new = generate(model, ids, stop=(sp.bos_id(), sp.eos_id()), **kwargs)
+    return sp.decode(ids[1:] + new)

@@ -1,0 +1,222 @@
+"""The trainer and the train/sample commands: loss falls, exact resume, signals, non-finite
+steps, configuration errors, DDP equivalence, sampling, the main job."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tinyfuse.engine import data
+from tinyfuse.engine.sample import generate, pick
+from tinyfuse.engine.train import TrainConfig, Trainer, device_peak_tflops, lr_at
+
+TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 8, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    data.prepare("synthetic", str(out), vocab_size=400, stories=3000, quiet=True)
+    return str(out)
+
+
+def config(prepared, out, **changes):
+    values = dict(preset="stories260K", model=dict(TINY), data=prepared, out=str(out), batch_size=4, seq_len=32,
+                  max_steps=12, lr=3e-3, warmup_steps=2, log_every=1, eval_every=6, eval_batches=2, ckpt_every=6,
+                  keep_checkpoints=5, device="cpu", sample_tokens=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(*args, env=None, **kwargs):
+    return subprocess.run(["tinyfuse", *args], capture_output=True, text=True, env=env, **kwargs)
+
+
+def test_loss_falls_and_run_folder(prepared, tmp_path):
+    Trainer(config(prepared, tmp_path, max_steps=40, eval_every=20), quiet=True).fit()
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(r) and r["mfu"] is None and r["tokens_per_s"] > 0
+    assert [r["step"] for r in records if "val_loss" in r] == [20, 40]
+    assert records[0]["loss"] > 5.5  # about log(400) at the start
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0 and records[-1]["val_loss"] < records[19]["val_loss"]
+    assert os.path.getsize(tmp_path / "loss.png") > 1000
+    kept = sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_"))
+    assert kept == ["ckpt_000018.pt", "ckpt_000024.pt", "ckpt_000030.pt", "ckpt_000036.pt", "ckpt_000040.pt"]
+    state = torch.load(tmp_path / kept[-1], weights_only=False)
+    assert {"model", "optimizer", "scheduler", "loader", "rng", "model_config", "train_config", "step"} <= set(state)
+    assert state["step"] == 40 and state["tokenizer"][:2]
+
+
+def test_resume_is_bit_exact_on_cpu(prepared, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    Trainer(config(prepared, whole), quiet=True).fit()
+    resumed.mkdir()
+    shutil.copy(whole / "ckpt_000006.pt", resumed)
+    with open(whole / "metrics.jsonl") as f, open(resumed / "metrics.jsonl", "w") as g:
+        g.writelines(f.readlines())  # lines past the checkpoint, as a crashed run leaves them
+    trainer = Trainer(config(prepared, resumed), quiet=True)
+    trainer.resume()
+    assert trainer.step == 6
+    trainer.fit()
+    a, b = metrics(whole), metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, 13)), "lines after the checkpoint are replaced, not repeated"
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r.get("val_loss") for r in a] == [r.get("val_loss") for r in b]
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(prepared, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", prepared, "--out", str(out), "--max-steps", "100000", "--batch-size", "2",
+            "--seq-len", "16", "--dim", "16", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "2",
+            "--log-every", "1", "--ckpt-every", "100000", "--eval-every", "100000", "--device", "cpu",
+            "--sample-tokens", "0"]
+    process = subprocess.Popen(["tinyfuse", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3:
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    kept = sorted(f for f in os.listdir(out) if f.startswith("ckpt_"))
+    assert len(kept) == 1 and "--resume" in err
+    step = torch.load(out / kept[0], weights_only=False)["step"]
+    assert step >= 3
+    result = run_cli(*args[:-10], "--max-steps", str(step + 2), "--log-every", "1", "--device", "cpu",
+                     "--sample-tokens", "0", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert metrics(out)[-1]["step"] == step + 2
+    result = run_cli(*args[:-10], "--max-steps", str(step + 4), "--device", "cpu")
+    assert result.returncode == 2 and "pass --resume" in result.stderr
+
+
+def test_non_finite_steps_are_skipped_then_abort(prepared, tmp_path):
+    trainer = Trainer(config(prepared, tmp_path, max_bad_steps=3, max_steps=50), quiet=True)
+    with torch.no_grad():
+        trainer.model.layers[0].attention_norm.fill_(float("nan"))
+    before = {n: p.clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(FloatingPointError, match="3 steps in a row.*--lr"):
+        trainer.fit()
+    assert trainer.skipped_steps == 3
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]) or torch.isnan(before[n]).all(), f"{n} changed in a skipped step"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dim", "30"], "not divisible by n_heads"),
+    (["--n-kv-heads", "3"], "not divisible by n_kv_heads"),
+    (["--dim", "36", "--n-heads", "12", "--n-kv-heads", "12"], "is odd"),
+    (["--lr", "0"], "lr must be positive"),
+    (["--batch-size", "0"], "batch_size must be a positive"),
+    (["--vocab-size", "100"], "larger than the model's vocab_size 100"),
+    (["--seq-len", "100"], "exceeds the model's max_seq_len 64"),
+    (["--preset", "stories1B"], "unknown preset"),
+])
+def test_configuration_errors_stop_before_work(prepared, tmp_path, flags, message):
+    base = ["train", "--data", prepared, "--out", str(tmp_path / "o"), "--dim", "32", "--n-heads", "4",
+            "--n-kv-heads", "2", "--max-seq-len", "64", "--device", "cpu"]
+    result = run_cli(*base, *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_missing_data_and_other_shape_checkpoint(prepared, tmp_path):
+    result = run_cli("train", "--data", str(tmp_path / "none"), "--device", "cpu")
+    assert result.returncode == 2 and "tinyfuse prepare" in result.stderr
+    Trainer(config(prepared, tmp_path / "a", max_steps=1), quiet=True).fit()
+    with pytest.raises(ValueError, match="another model shape.*dim 32 vs 48"):
+        Trainer(config(prepared, tmp_path / "a", model={**TINY, "dim": 48}), quiet=True).resume()
+
+
+def test_toml_config_and_flags(prepared, tmp_path):
+    from tinyfuse.engine.cli import build_parser, train_config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "stories15M"\nlr = 1e-3\nbatch_size = 7\n[model]\ndim = 96\nn_heads = 4\n')
+    args = build_parser().parse_args(["train", "--config", str(toml), "--lr", "2e-3", "--n-heads", "8"])
+    cfg = train_config(args)
+    assert cfg.preset == "stories15M" and cfg.batch_size == 7 and cfg.lr == 2e-3
+    assert cfg.model == {"dim": 96, "n_heads": 8}
+    toml.write_text("learning_rate = 1\n")
+    with pytest.raises(ValueError, match="unknown training settings: learning_rate"):
+        train_config(build_parser().parse_args(["train", "--config", str(toml)]))
+
+
+def test_schedule_and_peak_table():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert device_peak_tflops("NVIDIA H100 PCIe") == 756
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert device_peak_tflops("NVIDIA H200") == 989
+    assert device_peak_tflops("Some Future GPU") is None
+
+
+def test_ddp_two_processes_equal_one(prepared, tmp_path):
+    common = ["--data", prepared, "--batch-size", "2", "--seq-len", "16", "--grad-accum", "2", "--max-steps", "4",
+              "--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--max-seq-len", "64",
+              "--log-every", "1", "--eval-every", "2", "--eval-batches", "3", "--device", "cpu", "--sample-tokens", "0"]
+    single = run_cli("train", "--out", str(tmp_path / "single"), *common)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "tinyfuse.engine", "train", "--out", str(tmp_path / "ddp"), *common],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+        assert rb.get("val_loss") == pytest.approx(ra.get("val_loss"), rel=1e-5)
+
+
+def test_sampling(prepared, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 5.0, 1.0, 4.9])
+    assert pick(logits, 0, 0.9, g) == 1
+    assert {pick(logits, 1.0, 0.5, g) for _ in range(50)} == {1}, "top_p 0.5 keeps only the top token here"
+    assert {pick(logits, 1.0, 1.0, g) for _ in range(200)} >= {1, 3}
+
+    trainer = Trainer(config(prepared, tmp_path, max_steps=30), quiet=True)
+    trainer.fit()
+    model = trainer.model
+    a = generate(model, [1], 30, temperature=1.0, seed=3)
+    assert a == generate(model, [1], 30, temperature=1.0, seed=3)
+    assert a != generate(model, [1], 30, temperature=1.0, seed=4)
+    greedy = generate(model, [1], 20, temperature=0)
+    assert greedy == generate(model, [1], 20, temperature=0.5, seed=9, top_p=1e-9)
+    k = next((i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i]), 0)
+    assert generate(model, [1], 20, temperature=0, stop=(greedy[k],)) == greedy[:k]
+    assert len(generate(model, [1] * 60, 100, temperature=0)) == 4, "stops at the model's context"
+
+    ckpt = str(next(p for p in sorted(tmp_path.iterdir()) if p.name.startswith("ckpt_")))
+    one = run_cli("sample", "--checkpoint", ckpt, "--seed", "5", "--max-new-tokens", "20", "--prompt", "Once upon")
+    two = run_cli("sample", "--checkpoint", ckpt, "--seed", "5", "--max-new-tokens", "20", "--prompt", "Once upon")
+    assert one.returncode == 0 and one.stdout == two.stdout and one.stdout.startswith("Once upon")
+    bad = run_cli("sample", "--checkpoint", str(tmp_path / "metrics.jsonl"))
+    assert bad.returncode == 2 and "not a readable checkpoint" in bad.stderr
+
+
+def test_main_job_code_path(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = run_cli("train", "--max-steps", "3", "--log-every", "1", "--sample-tokens", "30",
+                     "--out", str(tmp_path / "run"), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "preparing the built-in synthetic corpus" in result.stdout
+    assert "a story from the trained model" in result.stdout
+    assert os.path.isfile(tmp_path / "cache" / "tinyfuse" / "synthetic-512" / "manifest.json")
+    assert len(metrics(tmp_path / "run")) == 3 and (tmp_path / "run" / "ckpt_000003.pt").exists()
