@@ -145,7 +145,7 @@ def _weather(rng, c, place, obj):
     name, color = rng.choice(FLYING)
     return [
         f"It was a {rng.choice(WEATHER)} day. {c.name} wanted to go to {where} to fly {c.his} {color} {name}.",
-        f"But then the sky got dark. Big drops of rain began to fall.",
+        "But then the sky got dark. Big drops of rain began to fall.",
         f"~\"Oh no, now I cannot play outside,\" said {c.name}. {_cap(c.he)} was {rng.choice(FEELINGS_BAD)}.",
         f"{_cap(c.his)} {c.helper} had an idea. \"We can make a tent inside and read a book.\"",
         f"~They made a tent with blankets and chairs. They read a story and ate {rng.choice(FOODS)}.",
@@ -162,7 +162,7 @@ def _helping(rng, c, place, obj):
         f"It was {animal}. It was stuck near {thing2} and could not get out.",
         f"~\"Do not worry, little one. I will help you,\" said {c.name}.",
         f"{c.name} tried and tried, but {c.he} was too small. So {c.he} ran to get {c.friend}.",
-        f"Together they pulled very gently. At last, the animal was free!",
+        "Together they pulled very gently. At last, the animal was free!",
         f"~The animal was so {rng.choice(FEELINGS_GOOD)}. It jumped around and then came back to say thank you.",
         f"{c.name} and {c.friend} named it {pet}. After that, {pet} came to play with them every day.",
     ]
