@@ -1,6 +1,7 @@
 """The Llama model of llama2.c, readable top to bottom.
 
-Token embedding tied to the output layer, pre-norm RMSNorm, rotary embeddings (interleaved
+Token embedding tied to the output layer (llama2.c's default; untied when imported so),
+pre-norm RMSNorm, rotary embeddings (interleaved
 pairs, theta 10000), grouped-query attention, SwiGLU MLP, no biases. The q/k/v and the
 gate/up projections are fused into one matrix each (one GEMM instead of three or two);
 interop splits them back into llama2.c's wq/wk/wv and w1/w3.
@@ -29,6 +30,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    tie_embeddings: bool = True  # the output layer reuses the token embedding
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -179,6 +181,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layers))
         self.norm = nn.Parameter(torch.ones(cfg.dim))
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope = None  # float32 tables, kept out of .to(dtype)'s reach
         self.reset_parameters()
 
@@ -192,6 +195,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, 0.0, 0.02)
+
+    def output_weight(self):
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def num_params(self):
         """Parameters, the tied embedding counted once."""
@@ -223,11 +229,19 @@ class Transformer(nn.Module):
         """With targets: the mean next-token loss (fused linear cross-entropy, no [N, V]
         logits). Without: the logits of every position."""
         h = self._trunk(tokens)
-        weight = self.tok_embeddings.weight.to(h.dtype)
+        weight = self.output_weight().to(h.dtype)
         if targets is None:
             return h @ weight.T
         loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
         return loss.float()
+
+    def token_losses(self, tokens, targets):
+        """Float32 next-token losses [B, T] (0 where the target is -100), the output layer in
+        float32 whatever the trunk's dtype: what evaluation sums."""
+        h = self._trunk(tokens)
+        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]).float(), self.output_weight().float(),
+                                             targets.reshape(-1), reduction="none")
+        return loss.view(targets.shape)
 
     def new_cache(self, batch_size, device, dtype):
         cfg = self.config
@@ -238,7 +252,7 @@ class Transformer(nn.Module):
     def forward_cached(self, tokens, caches, start):
         """Logits of the last position, appending the tokens' keys and values to the caches."""
         h = self._trunk(tokens, caches, start)[:, -1]
-        return h @ self.tok_embeddings.weight.to(h.dtype).T
+        return h @ self.output_weight().to(h.dtype).T
 
     def flops_per_token(self, seq_len):
         """PaLM's estimate: 6 N for the matmuls with weights, 12 L H Q T for attention."""

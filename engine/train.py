@@ -195,7 +195,12 @@ class Trainer:
         if cfg.init_from:
             from .checkpoint import load_checkpoint
 
-            self.model_cfg, init_state, _ = load_checkpoint(cfg.init_from)  # its shape, not the preset's
+            weights = load_checkpoint(cfg.init_from)  # its shape, not the preset's
+            self.model_cfg, init_state = weights.config, weights.state
+            if self.manifest["vocab_size"] != self.model_cfg.vocab_size:
+                raise ValueError(f"{self.data} was tokenized with {self.manifest['vocab_size']} tokens; "
+                                 f"{cfg.init_from} has a vocabulary of {self.model_cfg.vocab_size}: prepare the data "
+                                 "with the model's tokenizer (tinyfuse prepare --tokenizer MODEL)")
         else:
             self.model_cfg = preset(cfg.preset, **cfg.model)
             if "vocab_size" not in cfg.model:

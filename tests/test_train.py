@@ -208,7 +208,7 @@ def test_sampling(prepared, tmp_path):
     two = run_cli("sample", "--checkpoint", ckpt, "--seed", "5", "--max-new-tokens", "20", "--prompt", "Once upon")
     assert one.returncode == 0 and one.stdout == two.stdout and one.stdout.startswith("Once upon")
     bad = run_cli("sample", "--checkpoint", str(tmp_path / "metrics.jsonl"))
-    assert bad.returncode == 2 and "not a readable checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "not a checkpoint we know" in bad.stderr
 
 
 def test_main_job_code_path(tmp_path):
