@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-
 from tinyfuse.engine.loader import ReferenceLoader, TokenLoader
 
 SHAPES = [(32, 256), (16, 1024)]
@@ -40,7 +39,8 @@ def make_corpus(folder, tokens=1 << 24, shards=4, vocab=32000, seed=0):
 
 
 def batch_seconds(loader, batches=200, warmup=20):
-    """Median seconds of one next(loader), after warm-up (the C++ ring is full by then)."""
+    """Median seconds of one next(loader), after warm-up (the C++ ring is full by then), and
+    the interquartile range over the median."""
     for _ in range(warmup):
         next(loader)
     times = []
@@ -48,20 +48,28 @@ def batch_seconds(loader, batches=200, warmup=20):
         start = time.perf_counter()
         next(loader)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    median = statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4)
+    return median, (quartiles[2] - quartiles[0]) / median
 
 
 def run(folder, batches=200):
-    """[{"impl", "batch_size", "seq_len", "tokens_per_s"}] for each loader and shape."""
+    """[{"impl", "batch_size", "seq_len", "tokens_per_s", "noise"}] for each loader and shape."""
     rows = []
     for batch_size, seq_len in SHAPES:
         for impl, cls in LOADERS.items():
             loader = cls(folder, batch_size=batch_size, seq_len=seq_len, seed=0)
-            seconds = batch_seconds(loader, batches)
+            seconds, noise = batch_seconds(loader, batches)
             loader.close()
             rows.append({"impl": impl, "batch_size": batch_size, "seq_len": seq_len,
-                         "tokens_per_s": batch_size * seq_len / seconds})
+                         "tokens_per_s": batch_size * seq_len / seconds, "noise": noise})
     return rows
+
+
+def suite_rows(smoke):
+    """The rows `tinyfuse bench` records: a 32 MB corpus (4 MB and fewer batches when smoke)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return run(make_corpus(tmp, tokens=1 << (21 if smoke else 24)), batches=50 if smoke else 300)
 
 
 @pytest.fixture(scope="module")

@@ -162,30 +162,41 @@ def train(args):
     return 0
 
 
+def _model_and_tokenizer(args, data=None):
+    """The model of --checkpoint (any format) on its device, and its tokenizer: --tokenizer,
+    else the one the checkpoint carries, else the prepared data folder's."""
+    import torch
+
+    from .checkpoint import check_tokenizer, load_checkpoint
+    from .data import TOKENIZER, load_tokenizer
+    from .model import Transformer, default_kernels
+    from .sample import load_tokenizer_bytes
+
+    weights = load_checkpoint(args.checkpoint)
+    if args.tokenizer:
+        sp, source = load_tokenizer(args.tokenizer), args.tokenizer
+    elif weights.tokenizer:
+        sp, source = load_tokenizer_bytes(weights.tokenizer), f"carried by {args.checkpoint}"
+    elif data is not None and os.path.isfile(os.path.join(data, TOKENIZER)):
+        source = os.path.join(data, TOKENIZER)
+        sp = load_tokenizer(source)
+    else:
+        raise ValueError(f"{args.checkpoint} ({weights.format}) carries no tokenizer: give --tokenizer MODEL")
+    check_tokenizer(sp, weights.config, source)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Transformer(weights.config, kernels=args.kernels or default_kernels(device))
+    model.load_state_dict(weights.state)
+    return model.to(device), sp
+
+
 def sample(args):
     """Generate a story from a checkpoint."""
     _select_backend()
-    import torch
-
-    from .checkpoint import load_checkpoint
-    from .data import DataError, load_tokenizer
-    from .model import Transformer, default_kernels
-    from .sample import load_tokenizer_bytes, story
+    from .data import DataError
+    from .sample import story
 
     try:
-        cfg, state, tok_bytes = load_checkpoint(args.checkpoint)
-        if args.tokenizer:
-            sp = load_tokenizer(args.tokenizer)
-        elif tok_bytes:
-            sp = load_tokenizer_bytes(tok_bytes)
-        else:
-            raise ValueError(f"{args.checkpoint} carries no tokenizer: give --tokenizer MODEL")
-        if sp.vocab_size() != cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {sp.vocab_size()} tokens, the model's vocabulary {cfg.vocab_size}")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = Transformer(cfg, kernels=args.kernels or default_kernels(device))
-        model.load_state_dict(state)
-        model.to(device)
+        model, sp = _model_and_tokenizer(args)
         text = story(model, sp, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, seed=args.seed)
     except (ValueError, FileNotFoundError, DataError) as e:
@@ -193,6 +204,83 @@ def sample(args):
         return 2
     print(text)
     return 0
+
+
+def evaluate(args):
+    """Loss, perplexity and bits per byte of a checkpoint over held-out stories."""
+    _select_backend()
+    import json
+
+    from .data import DataError
+    from .evaluate import evaluate as run_evaluate, is_prepared, prepared_stories, text_stories
+
+    try:
+        if args.max_stories is not None and args.max_stories <= 0:
+            raise ValueError(f"--max-stories must be positive; got {args.max_stories}")
+        if not os.path.exists(args.data):
+            raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+        prepared = is_prepared(args.data)
+        model, sp = _model_and_tokenizer(args, data=args.data if prepared else None)
+        if prepared:
+            from .data import read_manifest
+
+            manifest = read_manifest(args.data)
+            if manifest["vocab_size"] != model.config.vocab_size:
+                raise ValueError(f"{args.data} was tokenized with {manifest['vocab_size']} tokens; the model's "
+                                 f"vocabulary has {model.config.vocab_size}")
+            stories = prepared_stories(args.data, args.max_stories)
+        else:
+            stories = text_stories(sp, args.data, args.max_stories)
+        result = run_evaluate(model, sp, stories, progress=not args.json)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"tinyfuse eval: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.checkpoint} on {args.data}: loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
+              f"bpb {result['bpb']:.4f}  ({result['stories']} stories, {result['tokens']} tokens, "
+              f"{result['bytes']} bytes)")
+    return 0
+
+
+def export(args):
+    """Write a checkpoint (any format) as llama2.c v0/v1 or a Hugging Face folder."""
+    from .checkpoint import check_tokenizer, export as run_export, load_checkpoint
+    from .data import DataError, load_tokenizer
+
+    try:
+        weights = load_checkpoint(args.checkpoint)
+        tokenizer = weights.tokenizer
+        if args.tokenizer:
+            check_tokenizer(load_tokenizer(args.tokenizer), weights.config, args.tokenizer)
+            with open(args.tokenizer, "rb") as f:
+                tokenizer = f.read()
+        if args.format == "hf" and tokenizer is None:
+            print(f"note: {args.checkpoint} carries no tokenizer and none was given (--tokenizer); "
+                  "the folder holds the model only", file=sys.stderr)
+        run_export(weights, args.out, args.format, tokenizer)
+    except (ValueError, FileNotFoundError, DataError, OSError) as e:
+        print(f"tinyfuse export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({args.format}, from {weights.format} {args.checkpoint})")
+    return 0
+
+
+CHECKPOINT_HELP = "a tinyfuse checkpoint, llama2.c .bin (v0 or v1) or .pt, or a Hugging Face folder"
+
+
+def _add_model_flags(parser):
+    parser.add_argument("--device", help="default: cuda when present")
+    parser.add_argument("--kernels", choices=["triton", "torch"], help="default: triton on CUDA, torch elsewhere")
+
+
+def bench(args):
+    """The benchmark suite, or the comparison of two of its results."""
+    _select_backend()
+    from tinyfuse.bench.suite import main as run_bench
+
+    return run_bench(args)
 
 
 def build_parser():
@@ -234,16 +322,47 @@ def build_parser():
     p.set_defaults(func=train)
 
     p = sub.add_parser("sample", help="generate a story from a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help="a SentencePiece .model (default: the one the checkpoint carries)")
     p.add_argument("--prompt", default="")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="default: cuda when present")
-    p.add_argument("--kernels", choices=["triton", "torch"], help="default: triton on CUDA, torch elsewhere")
+    _add_model_flags(p)
     p.set_defaults(func=sample)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint over held-out stories")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--tokenizer", help="a SentencePiece .model (default: the checkpoint's, or the data folder's)")
+    p.add_argument("--data", required=True,
+                   help="a text or JSON file (or folder) of stories, or a prepared folder (its val split)")
+    p.add_argument("--max-stories", type=int, help="the first N stories only")
+    p.add_argument("--json", action="store_true", help="print one JSON object: loss, ppl, bpb, tokens, ...")
+    _add_model_flags(p)
+    p.set_defaults(func=evaluate)
+
+    from .checkpoint import FORMATS
+
+    p = sub.add_parser("export", help="write a checkpoint as llama2.c v0/v1 .bin or a Hugging Face folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="a .bin file, or a folder for hf")
+    p.add_argument("--tokenizer", help="the SentencePiece .model to put in an hf folder (default: the checkpoint's)")
+    p.set_defaults(func=export)
+
+    p = sub.add_parser("bench", help="benchmark kernels, the training step and the loader; or compare two runs",
+                       description="tinyfuse bench [--smoke] [--only SECTION] [--ops OP ...] [--out DIR]  |  "
+                                   "tinyfuse bench compare OLD.json NEW.json")
+    p.add_argument("action", nargs="?", choices=["compare"], help="compare OLD.json NEW.json")
+    p.add_argument("files", nargs="*", help="the two results.json files to compare")
+    p.add_argument("--smoke", action="store_true",
+                   help="the whole suite at tiny sizes (on CPU: Triton's interpreter), to check it end to end")
+    p.add_argument("--only", choices=["kernels", "step", "loader"], help="one section")
+    p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, rope, "
+                                                        "swiglu, cross_entropy, linear_cross_entropy)")
+    p.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
+    p.set_defaults(func=bench)
     return parser
 
 

@@ -31,7 +31,7 @@ def test_cpu_tensor_without_interpreter_points_to_reference():
 @pytest.mark.parametrize("command", [["tinyfuse"], [sys.executable, "-m", "tinyfuse.engine"]])
 def test_cli_entry_points(command):
     out = subprocess.run(command + ["--help"], capture_output=True, text=True, check=True).stdout
-    for command_name in ("train", "prepare", "sample"):
+    for command_name in ("train", "prepare", "sample", "eval", "export", "bench"):
         assert command_name in out
 
 

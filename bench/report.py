@@ -1,0 +1,205 @@
+"""Results of `tinyfuse bench` as Markdown tables and PNG plots, and the comparison of two
+runs (`tinyfuse bench compare OLD.json NEW.json`)."""
+import json
+import os
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def kernel_table(rows):
+    """One line per op, pass and shape: tinyfuse's time, GB/s (TFLOP/s for the linear
+    cross-entropy) and % of copy bandwidth, each baseline's time, tinyfuse's speed-up over
+    it, and peak memory."""
+    keys = []
+    for r in rows:
+        key = (r["op"], r["group"], tuple(r["shape"]), r["pass"])
+        if key not in keys:
+            keys.append(key)
+    lines = ["| op | shape | pass | tinyfuse ms | GB/s | % bw | torch ms | compile ms | liger ms | "
+             "× torch | × compile | × liger | peak MB (ours / torch) |",
+             "|" + "---|" * 13]
+    for op, group, shape, p in keys:
+        by = {r["impl"]: r for r in rows if (r["op"], r["group"], tuple(r["shape"]), r["pass"]) == (op, group, shape, p)}
+        ours = by.get("tinyfuse", {})
+        rate = ""
+        if ours.get("gbps") is not None:
+            rate = f"{ours['gbps']:.3g}"
+        elif ours.get("tflops") is not None:
+            rate = f"{ours['tflops']:.3g} TFLOP/s"
+
+        def ms(impl):
+            r = by.get(impl)
+            if r is None:
+                return "–"
+            return "error" if r.get("ms") is None else f"{r['ms']:.3f}"
+
+        speed = ours.get("speedup", {})
+        mem = f"{_fmt(ours.get('peak_mem_mb'), '.0f')} / {_fmt(by.get('torch', {}).get('peak_mem_mb'), '.0f')}" \
+            if ours.get("peak_mem_mb") is not None else ""
+        lines.append(f"| {op} | {group} {'×'.join(map(str, shape))} | {p} | {ms('tinyfuse')} | {rate} | "
+                     f"{_fmt(ours.get('pct_bw'), '.0f')} | {ms('torch')} | {ms('torch.compile')} | {ms('liger')} | "
+                     f"{_fmt(speed.get('torch'), '.2f')} | {_fmt(speed.get('torch.compile'), '.2f')} | "
+                     f"{_fmt(speed.get('liger'), '.2f')} | {mem} |")
+    return "\n".join(lines)
+
+
+def step_table(rows):
+    lines = ["| preset | kernels | compile | tokens/s | MFU | peak GB | step ms | data | forward | backward | optimizer |",
+             "|" + "---|" * 11]
+    for r in rows:
+        if r.get("tokens_per_s") is None:
+            lines.append(f"| {r['preset']} | {r['kernels']} | {r['compile']} | error: {r.get('error', '')} |||||||")
+            continue
+        b = r["breakdown"]
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+        lines.append(f"| {r['preset']} | {r['kernels']} | {r['compile']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                     f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {r['step_ms']:.2f} | {b['data']:.2f} | {b['forward']:.2f} | "
+                     f"{b['backward']:.2f} | {b['optimizer']:.2f} |")
+    return "\n".join(lines)
+
+
+def loader_table(rows):
+    lines = ["| loader | batch × seq | M tokens/s | × reference |", "|---|---|---|---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["impl"].startswith("reference") and x["seq_len"] == r["seq_len"])
+        lines.append(f"| {r['impl']} | {r['batch_size']}×{r['seq_len']} | {r['tokens_per_s'] / 1e6:.1f} | "
+                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def markdown(results):
+    env = results["env"]
+    parts = [f"# tinyfuse bench{' (smoke: tiny shapes, not a performance figure)' if results.get('smoke') else ''}",
+             "",
+             f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+             f"commit {env['commit']} · {env['date']} · copy bandwidth {env['copy_gbps']:.0f} GB/s",
+             ""]
+    for note in results.get("notes", []):
+        parts.append(f"- {note}")
+    if results.get("notes"):
+        parts.append("")
+    if results.get("kernels"):
+        parts += ["## Kernels", "", "Median ms (CUDA events, L2 flushed); GB/s from each op's byte model "
+                  "(bench/<op>.py); % of the copy bandwidth above; × = the baseline's time over tinyfuse's.", "",
+                  kernel_table(results["kernels"]), ""]
+    if results.get("step"):
+        parts += ["## Training step", "", "16,384 tokens a step (smoke: 16); breakdown in ms, medians of "
+                  "synchronised steps.", "", step_table(results["step"]), ""]
+    if results.get("loader"):
+        parts += ["## Loader", "", loader_table(results["loader"]), ""]
+    return "\n".join(parts)
+
+
+def plots(results, out_dir):
+    """kernels_<op>.png: GB/s (TFLOP/s for linear_cross_entropy) of the sweep against size,
+    one line per implementation and pass; step.png: tokens/s per preset. Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = [r for r in results.get("kernels", []) if r["group"] == "sweep" and r.get("ms") is not None]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+        for ax, p in zip(axes, ("fwd", "bwd", "fwd+bwd")):
+            for impl in dict.fromkeys(r["impl"] for r in rows if r["op"] == op):
+                points = sorted((r["size"], r["gbps"] if r.get("gbps") is not None else r.get("tflops"))
+                                for r in rows if r["op"] == op and r["pass"] == p and r["impl"] == impl)
+                if points:
+                    ax.plot(*zip(*points), "o-", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {p}")
+            ax.set_xlabel("vocabulary" if "cross_entropy" in op else "hidden size")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("TFLOP/s" if op == "linear_cross_entropy" else "GB/s")
+        if op != "linear_cross_entropy":
+            for ax in axes:
+                ax.axhline(results["env"]["copy_gbps"], color="grey", ls="--", lw=1)
+        axes[0].legend()
+        fig.suptitle(results["env"]["device"])
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"kernels_{op}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    steps = [r for r in results.get("step", []) if r.get("tokens_per_s") is not None]
+    if steps:
+        presets = list(dict.fromkeys(r["preset"] for r in steps))
+        configs = list(dict.fromkeys((r["kernels"], r["compile"]) for r in steps))
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(configs)
+        for i, (kernels, comp) in enumerate(configs):
+            values = [next((r["tokens_per_s"] for r in steps if (r["preset"], r["kernels"], r["compile"])
+                            == (p, kernels, comp)), 0) for p in presets]
+            ax.bar([j + i * width for j in range(len(presets))], values, width,
+                   label=f"{kernels}{' + compile' if comp else ''}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(presets))], presets)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"training step — {results['env']['device']}")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "step.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(results, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(results))
+    return [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")] + plots(results, out_dir)
+
+
+# ---------------------------------------------------------------- compare
+
+def _indexed(results):
+    """(section, key) -> (time-like figure where lower is better, noise) for every measured row."""
+    out = {}
+    for r in results.get("kernels", []):
+        if r.get("ms") is not None:
+            out[("kernels", f"{r['op']} {r['pass']} {'×'.join(map(str, r['shape']))} {r['dtype']} {r['impl']}")] = \
+                (r["ms"], r.get("noise", 0.0))
+    for r in results.get("step", []):
+        if r.get("tokens_per_s"):
+            out[("step", f"{r['preset']} kernels={r['kernels']} compile={r['compile']}")] = \
+                (1.0 / r["tokens_per_s"], r.get("noise", 0.0))
+    for r in results.get("loader", []):
+        out[("loader", f"{r['impl']} {r['batch_size']}x{r['seq_len']}")] = (1.0 / r["tokens_per_s"], r.get("noise", 0.0))
+    return out
+
+
+def compare(old, new, floor=0.02):
+    """Lines naming what got faster or slower: a change counts when the ratio of times moves
+    further from 1 than twice the larger interquartile spread of the two runs (and at least
+    `floor`). Returns (lines, counts)."""
+    a, b = _indexed(old), _indexed(new)
+    faster, slower, same = [], [], 0
+    for key in a.keys() & b.keys():
+        (t_old, n_old), (t_new, n_new) = a[key], b[key]
+        ratio = t_old / t_new  # above 1: the new run is faster
+        threshold = max(floor, 2 * max(n_old, n_new))
+        line = f"{key[0]:<8} {key[1]:<60} {ratio:6.2f}x  (noise ±{100 * threshold:.0f}%)"
+        if ratio > 1 + threshold:
+            faster.append((ratio, line))
+        elif ratio < 1 / (1 + threshold):
+            slower.append((ratio, line))
+        else:
+            same += 1
+    lines = []
+    if old["env"].get("device") != new["env"].get("device"):
+        lines.append(f"note: different devices ({old['env'].get('device')} vs {new['env'].get('device')})")
+    lines += ["faster:"] + [line for _, line in sorted(faster, reverse=True)] if faster else ["faster: none"]
+    lines += ["slower:"] + [line for _, line in sorted(slower)] if slower else ["slower: none"]
+    only = len(a.keys() ^ b.keys())
+    lines.append(f"{same} within noise; {only} measured in only one of the runs")
+    return lines, {"faster": len(faster), "slower": len(slower), "same": same, "unmatched": only}

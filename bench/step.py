@@ -1,0 +1,133 @@
+"""Benchmark: one training step of each preset — tokens/s, MFU, peak memory and where the
+time goes — with kernels="triton" and "torch", eager and under torch.compile, bf16 on CUDA.
+
+    python -m tinyfuse.bench.step [--smoke] [--presets stories15M ...] [--json FILE]
+
+A step is what the trainer does: next batch from the C++ TokenLoader (random tokens of the
+preset's vocabulary, 16,384 tokens a step: stories260K 32 x 512, stories15M 64 x 256,
+stories42M and stories110M 16 x 1024), forward with the fused loss, backward, gradient
+clipping, fused AdamW. Tokens/s comes from the median of whole steps, each timed end to
+end (one synchronisation per step, as the trainer has); the
+breakdown (data, forward, backward, optimizer; medians) from separate steps synchronised
+between phases. MFU is the engine's: tokens/s x model.flops_per_token(T) (PaLM's 6N + 12
+L H Q T) over the device's dense bf16 peak.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from tinyfuse.engine.loader import TokenLoader
+from tinyfuse.engine.model import PRESETS, Transformer, preset
+from tinyfuse.engine.train import device_peak_tflops
+
+from .kernels import STEP_TOKENS
+from .loader import make_corpus
+from .timing import synchronize
+
+
+def _now(device):
+    synchronize(device)
+    return time.perf_counter()
+
+
+def measure_step(name, kernels, compile, device, smoke, corpus_dir):
+    cuda = torch.device(device).type == "cuda"
+    cfg = preset(name)
+    seq_len = 16 if smoke else cfg.max_seq_len
+    batch = 1 if smoke else STEP_TOKENS // seq_len
+    torch.manual_seed(0)
+    model = Transformer(cfg, kernels=kernels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    forward = torch.compile(model, backend="inductor" if cuda else "aot_eager") if compile else model
+    loader = TokenLoader(corpus_dir, "train", batch, seq_len, seed=0, device=device if cuda else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    def step(times=None):
+        t0 = _now(device) if times is not None else None
+        x, y = next(loader)
+        x, y = x.to(device), y.to(device)
+        t1 = _now(device) if times is not None else None
+        with autocast:
+            loss = forward(x, y)
+        t2 = _now(device) if times is not None else None
+        loss.backward()
+        t3 = _now(device) if times is not None else None
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if times is not None:
+            t4 = _now(device)
+            for key, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4)):
+                times[key].append((b - a) * 1e3)
+
+    warmup, timed, instrumented = (2, 1, 1) if smoke else (5, 20, 10)  # compile: a second call recompiles
+    try:
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step_ms = []
+        for _ in range(timed):
+            start = _now(device)
+            step()
+            step_ms.append((_now(device) - start) * 1e3)
+        times = {"data": [], "forward": [], "backward": [], "optimizer": []}
+        for _ in range(instrumented):
+            step(times)
+    finally:
+        loader.close()
+    median = statistics.median(step_ms)
+    quartiles = statistics.quantiles(step_ms, n=4) if len(step_ms) > 1 else [median] * 3
+    tokens_per_s = batch * seq_len / (median / 1e3)
+    peak = device_peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
+    return {"preset": name, "kernels": kernels, "compile": compile, "batch_size": batch, "seq_len": seq_len,
+            "step_ms": median, "noise": (quartiles[2] - quartiles[0]) / median, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * model.flops_per_token(seq_len) / (peak * 1e12) if peak else None,
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+            "breakdown": {key: statistics.median(v) for key, v in times.items()}}
+
+
+def run(device, smoke=False, presets=None, progress=print):
+    presets = presets or (["stories260K"] if smoke else list(PRESETS))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in presets:
+            corpus = make_corpus(os.path.join(tmp, name), tokens=1 << (16 if smoke else 24),
+                                 vocab=preset(name).vocab_size)
+            for kernels in ("triton", "torch"):
+                for compile in (False, True):
+                    progress(f"step: {name} kernels={kernels} compile={compile}")
+                    try:
+                        rows.append(measure_step(name, kernels, compile, device, smoke, corpus))
+                    except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
+                        rows.append({"preset": name, "kernels": kernels, "compile": compile, "tokens_per_s": None,
+                                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
+                    torch._dynamo.reset()
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS))
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run(device, args.smoke, args.presets, progress=lambda m: print(m, file=sys.stderr))
+    from .report import step_table
+
+    print(step_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

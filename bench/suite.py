@@ -1,0 +1,72 @@
+"""`tinyfuse bench`: kernels, training step and loader measured in one run, written as
+results.json, results.md and plots; `tinyfuse bench compare OLD.json NEW.json`."""
+import json
+import sys
+import time
+
+import torch
+
+from . import kernels, loader, report, step
+from .timing import copy_gbps, environment
+
+SECTIONS = ("kernels", "step", "loader")
+
+
+def run(smoke=False, only=None, ops=None, out_dir="bench-results", progress=None):
+    """Measure the sections asked for and write the results into out_dir."""
+    progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    if ops:
+        unknown = set(ops) - set(kernels.all_ops())
+        if unknown:
+            raise ValueError(f"unknown ops {sorted(unknown)}; ops: {', '.join(kernels.all_ops())}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    bandwidth = copy_gbps(device, smoke)
+    results = {"env": environment(device, bandwidth), "smoke": smoke, "notes": [], "kernels": [], "step": [],
+               "loader": []}
+    if device == "cpu":
+        results["notes"].append("no CUDA: kernels ran in Triton's interpreter and torch.compile used the aot_eager "
+                                "backend; these times check the code path, not the speed")
+    if kernels.liger() is None:
+        results["notes"].append("Liger-Kernel not measured: " + (
+            "not installed (pip install liger-kernel)" if torch.cuda.is_available() else "it needs CUDA"))
+    sections = [only] if only else SECTIONS
+    if "kernels" in sections:
+        results["kernels"] = kernels.run(device, smoke, ops, bandwidth, progress)
+    if "step" in sections:
+        results["step"] = step.run(device, smoke, progress=progress)
+    if "loader" in sections:
+        progress("loader")
+        results["loader"] = loader.suite_rows(smoke)
+    results["seconds"] = time.perf_counter() - start
+    files = report.write(results, out_dir)
+    return results, files
+
+
+def main(args):
+    """The `tinyfuse bench` command (its arguments parsed by the engine's CLI)."""
+    if args.action == "compare":
+        if len(args.files) != 2:
+            print("tinyfuse bench compare: give OLD.json NEW.json", file=sys.stderr)
+            return 2
+        try:
+            old, new = (json.load(open(path)) for path in args.files)
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"tinyfuse bench compare: {e}", file=sys.stderr)
+            return 2
+        lines, _ = report.compare(old, new)
+        print("\n".join(lines))
+        return 0
+    if args.action is not None:
+        print(f"tinyfuse bench: unknown action {args.action!r} (the one action is compare)", file=sys.stderr)
+        return 2
+    try:
+        results, files = run(args.smoke, args.only, args.ops, args.out)
+    except ValueError as e:
+        print(f"tinyfuse bench: {e}", file=sys.stderr)
+        return 2
+    errors = sum(1 for section in SECTIONS for r in results[section] if r.get("error"))
+    print(report.markdown(results))
+    print(f"\nwrote {', '.join(files)} in {results['seconds']:.0f} s" + (f"; {errors} measurements failed "
+                                                                          "(see their error field)" if errors else ""))
+    return 0
