@@ -18,6 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def settings_from_dict(cls, values, what):
+    """cls(**values), with one error naming every key the dataclass does not have."""
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} settings: {', '.join(sorted(unknown))}")
+    return cls(**values)
+
+
 @dataclass
 class ModelConfig:
     dim: int = 288
@@ -63,11 +71,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values):
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        return settings_from_dict(cls, values, "model")
 
 
 PRESETS = {

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .data import read_manifest
 from .loader import TokenLoader
-from .model import ModelConfig, Transformer, default_kernels, preset
+from .model import ModelConfig, Transformer, default_kernels, preset, settings_from_dict
 
 # Dense bf16 tensor-core peaks, TFLOP/s, by a fragment of torch.cuda.get_device_name().
 # The first fragment found wins, so the more specific names come first.
@@ -88,17 +88,16 @@ class TrainConfig:
             raise ValueError("warmup_steps, weight_decay and grad_clip must not be negative")
         if self.kernels not in (None, "triton", "torch"):
             raise ValueError(f"kernels must be 'triton' or 'torch'; got {self.kernels!r}")
+        if self.init_from and self.model:
+            raise ValueError(f"the model's shape comes from --init-from {self.init_from}; drop the model settings "
+                             f"({', '.join(sorted(self.model))})")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ValueError(f"peak_tflops must be positive; got {self.peak_tflops}")
         return self
 
     @classmethod
     def from_dict(cls, values):
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        return settings_from_dict(cls, values, "training")
 
 
 def lr_at(step, cfg):

@@ -123,6 +123,7 @@ def test_non_finite_steps_are_skipped_then_abort(prepared, tmp_path):
     (["--vocab-size", "100"], "larger than the model's vocab_size 100"),
     (["--seq-len", "100"], "exceeds the model's max_seq_len 64"),
     (["--preset", "stories1B"], "unknown preset"),
+    (["--init-from", "model.bin"], "the model's shape comes from --init-from model.bin; drop the model settings"),
 ])
 def test_configuration_errors_stop_before_work(prepared, tmp_path, flags, message):
     base = ["train", "--data", prepared, "--out", str(tmp_path / "o"), "--dim", "32", "--n-heads", "4",
