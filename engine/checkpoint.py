@@ -420,7 +420,9 @@ def load_checkpoint(path):
         raise FileNotFoundError(f"checkpoint {path!r}: no such file or folder")
     with open(path, "rb") as f:
         head = f.read(V1_HEADER_BYTES)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle
+    # torch.save writes a zip archive, or (legacy) a pickle opening with protocol 2 and a long
+    # integer; a v0 header starting with those bytes would need a dim in the millions.
+    if head[:4] == b"PK\x03\x04" or head[:3] == b"\x80\x02\x8a":
         return _load_torch(path)
     if len(head) >= 4 and struct.unpack("<I", head[:4])[0] == V1_MAGIC:
         cfg, tensors = _read_v1(path, head)

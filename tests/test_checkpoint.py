@@ -202,6 +202,19 @@ def test_formats_round_trip(tie, tmp_path):
     assert struct.unpack("<Ii", head[:8]) == (0x616B3432, 1) and head[36] == int(tie)
 
 
+def test_v0_header_that_looks_like_a_pickle_byte(tmp_path):
+    """dim 384 is 0x180: the file starts with byte 0x80, as a pickle does."""
+    cfg = ModelConfig(dim=384, n_layers=1, n_heads=6, vocab_size=32, hidden_dim=64, max_seq_len=8)
+    weights = Weights(cfg, Transformer(cfg).state_dict(), None, "tinyfuse")
+    export(weights, str(tmp_path / "m.bin"), "llama2c-v0")
+    assert (tmp_path / "m.bin").read_bytes()[:1] == b"\x80"
+    back = load_checkpoint(str(tmp_path / "m.bin"))
+    assert back.format == "llama2c-v0" and same_state(back.state, weights.state)
+    torch.save({"kind": "x"}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="a PyTorch file holding"):
+        load_checkpoint(str(tmp_path / "legacy.pt"))
+
+
 def llama2c_pt(ref, tied=True):
     """A checkpoint as llama2.c's train.py saves it, built from the numpy model's arrays."""
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
