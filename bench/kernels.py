@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tinyfuse.engine.model import PRESETS, preset
 
-from .timing import copy_gbps, environment, measure, peak_mem_mb
+from .timing import copy_gbps, environment, error_text, measure, peak_mem_mb
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("tinyfuse", "torch", "torch.compile", "liger")
@@ -142,7 +142,7 @@ def _release(device):
 def _error_row(case, p, dtype, impl, e):
     return {"op": case.op, "pass": p, "shape": list(case.shape), "dtype": str(dtype).removeprefix("torch."),
             "impl": impl, "group": case.group, "size": case.size, "ms": None,
-            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            "error": error_text(e)}
 
 
 def _speedups(rows):

@@ -27,7 +27,7 @@ from tinyfuse.engine.train import device_peak_tflops
 
 from .kernels import STEP_TOKENS
 from .loader import make_corpus
-from .timing import synchronize
+from .timing import error_text, synchronize
 
 
 def _now(device):
@@ -106,7 +106,7 @@ def run(device, smoke=False, presets=None, progress=print):
                         rows.append(measure_step(name, kernels, compile, device, smoke, corpus))
                     except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
                         rows.append({"preset": name, "kernels": kernels, "compile": compile, "tokens_per_s": None,
-                                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
+                                     "error": error_text(e)})
                     torch._dynamo.reset()
                     if torch.device(device).type == "cuda":
                         torch.cuda.empty_cache()

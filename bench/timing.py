@@ -73,6 +73,12 @@ def measure(fn, device, repeats=50, warmup=5, bytes_moved=None):
     return {"ms": median, "noise": (q[2] - q[0]) / median if median > 0 else 0.0, "graph": graph is not None}
 
 
+def error_text(e):
+    """What a failed measurement records: the exception's type and first line."""
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
 def peak_mem_mb(fn, device):
     """Memory one call allocates at its peak beyond what was live before it (CUDA only)."""
     if torch.device(device).type != "cuda":

@@ -8,6 +8,7 @@ rotates the two halves of each head (`rotate_half`) where llama2.c rotates inter
 pairs, so its q and k rows are permuted on the way out and back on the way in.
 """
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -158,18 +159,22 @@ def _rope_floats(cfg):
     return cfg.max_seq_len * cfg.head_dim  # cos and sin, [max_seq_len, head_dim / 2] each
 
 
-def _read_floats(path, offset, names, shapes, expected_bytes, what):
+def _read_floats(path, offset, layout, what):
+    """Tensors from a file of float32s laid out as (name, shape) pairs after `offset` bytes;
+    a None name is a block to skip. The file's size must be exactly what the layout says."""
+    expected = offset + 4 * sum(math.prod(shape) for _, shape in layout)
     size = os.path.getsize(path)
-    if size != expected_bytes:
-        kind = "truncated" if size < expected_bytes else "longer than its header says"
-        raise CheckpointError(f"{path}: {kind} — a {what} expects {expected_bytes} bytes; the file has {size}")
-    flat = np.fromfile(path, dtype="<f4", offset=offset)
+    if size != expected:
+        kind = "truncated" if size < expected else "longer than its header says"
+        raise CheckpointError(f"{path}: {kind} — a {what} expects {expected} bytes; the file has {size}")
+    flat = torch.from_numpy(np.fromfile(path, dtype="<f4", offset=offset))
     tensors, at = {}, 0
-    for name in names:
-        n = int(np.prod(shapes[name]))
-        tensors[name] = torch.from_numpy(flat[at:at + n].copy()).view(shapes[name])
+    for name, shape in layout:
+        n = math.prod(shape)
+        if name is not None:
+            tensors[name] = flat[at:at + n].view(shape)
         at += n
-    return tensors, at
+    return tensors
 
 
 def _read_v0(path, head):
@@ -184,13 +189,11 @@ def _read_v0(path, head):
             f"{dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, max_seq_len}, which is no model")
     cfg = _header_config(path, dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab), max_seq_len, vocab > 0)
     names, shapes = _v0_order(cfg)
-    floats = sum(int(np.prod(shapes[n])) for n in names) + _rope_floats(cfg)
-    floats += 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
-    tensors, at = _read_floats(path, 28, names, shapes, 28 + 4 * floats, f"llama2.c v0 file with this header "
-                               f"(dim {dim}, hidden {hidden_dim}, {n_layers} layers, vocab {vocab}, seq {max_seq_len})")
-    if not cfg.tie_embeddings:  # the classifier comes after the two RoPE tables, which are skipped
-        flat = np.fromfile(path, dtype="<f4", offset=28 + 4 * (at + _rope_floats(cfg)))
-        tensors["output.weight"] = torch.from_numpy(flat.copy()).view(shapes["output.weight"])
+    layout = [(n, shapes[n]) for n in names] + [(None, (_rope_floats(cfg),))]  # the RoPE tables are skipped
+    if not cfg.tie_embeddings:
+        layout.append(("output.weight", shapes["output.weight"]))
+    tensors = _read_floats(path, 28, layout, f"llama2.c v0 file with this header (dim {dim}, hidden {hidden_dim}, "
+                                             f"{n_layers} layers, vocab {vocab}, seq {max_seq_len})")
     return cfg, tensors
 
 
@@ -212,9 +215,8 @@ def _read_v1(path, head):
     names, shapes = _v1_order(cfg)
     if not cfg.tie_embeddings:
         names.append("output.weight")
-    floats = sum(int(np.prod(shapes[n])) for n in names)
-    tensors, _ = _read_floats(path, V1_HEADER_BYTES, names, shapes, V1_HEADER_BYTES + 4 * floats,
-                              f"llama2.c v1 file with this header {dims}")
+    tensors = _read_floats(path, V1_HEADER_BYTES, [(n, shapes[n]) for n in names],
+                           f"llama2.c v1 file with this header {dims}")
     return cfg, tensors
 
 

@@ -211,7 +211,7 @@ def evaluate(args):
     _select_backend()
     import json
 
-    from .data import DataError
+    from .data import DataError, read_manifest
     from .evaluate import evaluate as run_evaluate, is_prepared, prepared_stories, text_stories
 
     try:
@@ -222,8 +222,6 @@ def evaluate(args):
         prepared = is_prepared(args.data)
         model, sp = _model_and_tokenizer(args, data=args.data if prepared else None)
         if prepared:
-            from .data import read_manifest
-
             manifest = read_manifest(args.data)
             if manifest["vocab_size"] != model.config.vocab_size:
                 raise ValueError(f"{args.data} was tokenized with {manifest['vocab_size']} tokens; the model's "
