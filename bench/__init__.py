@@ -3,10 +3,6 @@
 Without CUDA the kernels run in Triton's interpreter, which must be switched on before
 triton is first imported: importing this package does that.
 """
-import os
-import sys
+from tinyfuse.engine.runtime import select_backend
 
-import torch
-
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+select_backend()

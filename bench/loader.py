@@ -1,22 +1,21 @@
 """Loader benchmark: tokens/s of the C++ TokenLoader against the numpy ReferenceLoader, on CPU.
 
-    python -m pytest bench/loader.py          # pytest-benchmark tables
     python -m tinyfuse.bench.loader            # one line per loader and shape
+    python -m pytest tests/test_loader.py -k throughput   # the same as pytest-benchmark tables
 
 The corpus is 2^24 random uint16 tokens (32 MB) in four shards, read shuffled: every window
 is a random place in the file, as in training. The figure is B*T tokens over the median
 time of one `next(loader)` (int64 inputs and targets on the CPU).
 """
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 
 import numpy as np
-import pytest
 from tinyfuse.engine.loader import ReferenceLoader, TokenLoader
+from tinyfuse.engine.shards import write_manifest
 
 SHAPES = [(32, 256), (16, 1024)]
 LOADERS = {"tinyfuse (C++)": TokenLoader, "reference (numpy)": ReferenceLoader}
@@ -31,10 +30,7 @@ def make_corpus(folder, tokens=1 << 24, shards=4, vocab=32000, seed=0):
         name = f"train_{i:03d}.bin"
         rng.integers(0, vocab, per_shard, dtype=np.uint16).tofile(os.path.join(folder, name))
         entries.append({"file": name, "split": "train", "tokens": per_shard, "stories": 0})
-    manifest = {"format": "tinyfuse-shards/1", "tokenizer": {"path": "", "source": "none", "sha256": ""},
-                "vocab_size": vocab, "bos_id": 1, "eos_id": 2, "dtype": "uint16", "shards": entries}
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    write_manifest(folder, entries, vocab, 1, 2, "random tokens", tokenizer=None)
     return folder
 
 
@@ -70,23 +66,6 @@ def suite_rows(smoke):
     """The rows `tinyfuse bench` records: a 32 MB corpus (4 MB and fewer batches when smoke)."""
     with tempfile.TemporaryDirectory() as tmp:
         return run(make_corpus(tmp, tokens=1 << (21 if smoke else 24)), batches=50 if smoke else 300)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("loader-corpus")))
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("impl", list(LOADERS))
-def test_loader_throughput(benchmark, corpus, impl, shape):
-    batch_size, seq_len = shape
-    loader = LOADERS[impl](corpus, batch_size=batch_size, seq_len=seq_len, seed=0)
-    for _ in range(20):
-        next(loader)
-    benchmark.pedantic(next, args=(loader,), rounds=300, iterations=1, warmup_rounds=10)
-    benchmark.extra_info["tokens_per_s"] = batch_size * seq_len / benchmark.stats.stats.median
-    loader.close()
 
 
 def main(argv=None):

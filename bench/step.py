@@ -23,7 +23,7 @@ import time
 import torch
 from tinyfuse.engine.loader import TokenLoader
 from tinyfuse.engine.model import PRESETS, Transformer, preset
-from tinyfuse.engine.train import device_peak_tflops
+from tinyfuse.engine.runtime import autocast, device_peak_tflops, mfu
 
 from .kernels import STEP_TOKENS
 from .loader import make_corpus
@@ -45,14 +45,13 @@ def measure_step(name, kernels, compile, device, smoke, corpus_dir):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     forward = torch.compile(model, backend="inductor" if cuda else "aot_eager") if compile else model
     loader = TokenLoader(corpus_dir, "train", batch, seq_len, seed=0, device=device if cuda else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 
     def step(times=None):
         t0 = _now(device) if times is not None else None
         x, y = next(loader)
         x, y = x.to(device), y.to(device)
         t1 = _now(device) if times is not None else None
-        with autocast:
+        with autocast(device):
             loss = forward(x, y)
         t2 = _now(device) if times is not None else None
         loss.backward()
@@ -87,7 +86,7 @@ def measure_step(name, kernels, compile, device, smoke, corpus_dir):
     peak = device_peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
     return {"preset": name, "kernels": kernels, "compile": compile, "batch_size": batch, "seq_len": seq_len,
             "step_ms": median, "noise": (quartiles[2] - quartiles[0]) / median, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * model.flops_per_token(seq_len) / (peak * 1e12) if peak else None,
+            "mfu": mfu(tokens_per_s, model.flops_per_token(seq_len), peak * 1e12 if peak else None),
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "breakdown": {key: statistics.median(v) for key, v in times.items()}}
 

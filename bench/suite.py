@@ -67,6 +67,8 @@ def main(args):
         return 2
     errors = sum(1 for section in SECTIONS for r in results[section] if r.get("error"))
     print(report.markdown(results))
-    print(f"\nwrote {', '.join(files)} in {results['seconds']:.0f} s" + (f"; {errors} measurements failed "
-                                                                          "(see their error field)" if errors else ""))
+    print(f"\nwrote {', '.join(files)} in {results['seconds']:.0f} s")
+    if errors:
+        print(f"tinyfuse bench: {errors} measurements failed (see their error field in results.json)", file=sys.stderr)
+        return 1
     return 0

@@ -89,15 +89,17 @@ class Loader {
     unmap();
   }
 
-  // Blocks (without the GIL) until the next batch is in its slot; returns the slot.
+  // Blocks (without the GIL) until the next batch is in its slot; returns the slot. A close()
+  // from another thread wakes it, and it raises instead of waiting for workers that are gone.
   int64_t acquire() {
     py::gil_scoped_release release;  // before the lock: never wait for the GIL while holding it
     std::unique_lock<std::mutex> lock(mutex_);
-    if (closed_) throw std::runtime_error("the loader is closed");
+    if (closed_ || stopping_) throw std::runtime_error("the loader is closed");
     const uint64_t batch = next_;
     const size_t slot = batch % slots_.size();
-    ready_cv_.wait(lock, [&] { return ready_[slot] == batch || !error_.empty(); });
+    ready_cv_.wait(lock, [&] { return ready_[slot] == batch || !error_.empty() || stopping_; });
     if (!error_.empty()) throw std::runtime_error(error_);
+    if (ready_[slot] != batch) throw std::runtime_error("the loader is closed");
     ++next_;
     return static_cast<int64_t>(slot);
   }

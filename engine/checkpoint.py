@@ -1,6 +1,15 @@
 """Model weights in and out: tinyfuse checkpoints, llama2.c's `.bin` (v0 and v1) and `.pt`,
 and Hugging Face Llama folders. `load_checkpoint` tells them apart by content, so every
-command that takes `--checkpoint` reads them all.
+command that takes `--checkpoint` reads them all. This module is the one home of the native
+format too: `save_checkpoint` writes it (atomically), `load_training_state` reads it back
+for `--resume`, `run_checkpoints` lists a run folder's by step.
+
+Loading never runs code. PyTorch files are read with `torch.load(weights_only=True)`: only
+tensors and plain data (dicts, lists, tuples, numbers, strings, bytes) come back, and a file
+holding any other object is refused. A tinyfuse checkpoint holds exactly that: the tokenizer
+as bytes, the RNG states as tensors and numbers, the configurations as dicts. Sizes read
+from a header are checked against the file (or the safetensors' shapes) before anything is
+allocated, and a header cannot ask for more than `ModelConfig.validate` allows.
 
 The model fuses wq/wk/wv into wqkv and w1/w3 into w13; the formats keep them apart, so
 conversion goes through llama2.c's names (`to_llama2c`, `from_llama2c`). Hugging Face
@@ -10,14 +19,18 @@ pairs, so its q and k rows are permuted on the way out and back on the way in.
 import json
 import math
 import os
+import pickle
+import re
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .files import FileError, atomic_write, default_mode, inside
 from .model import ModelConfig
 
+NATIVE_KIND = "tinyfuse-checkpoint"
 V1_MAGIC = 0x616B3432  # "ak42" as llama2.c writes it: little-endian uint32
 V1_HEADER_BYTES = 256
 FORMATS = ("llama2c-v0", "llama2c-v1", "hf")
@@ -81,17 +94,17 @@ def to_llama2c(state, cfg):
     return out
 
 
-def from_llama2c(tensors, cfg, source):
-    """The Transformer's state dict from llama2.c's names; missing, unexpected or misshapen
-    tensors are one error naming them."""
-    expected = llama2c_shapes(cfg)
-    if cfg.tie_embeddings:
-        expected.pop("output.weight")
-        tensors = {k: v for k, v in tensors.items() if k != "output.weight"}
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
-             for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+def shapes_of(tensors):
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def check_shapes(expected, found, cfg, source):
+    """One error naming the missing, unexpected and misshapen tensors when `found` does not
+    have exactly the `expected` names and shapes (both name -> shape tuple)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {found[k]} (expected {tuple(expected[k])})"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     problems = []
     for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if names:
@@ -99,6 +112,24 @@ def from_llama2c(tensors, cfg, source):
     if problems:
         raise CheckpointError(f"{source}: the tensors do not match a model of dim {cfg.dim}, {cfg.n_layers} layers, "
                               f"vocab {cfg.vocab_size} ({'; '.join(problems)})")
+
+
+def model_shapes(cfg):
+    """The Transformer's state-dict names and shapes for a config, without allocating it."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        return shapes_of(Transformer(cfg).state_dict())
+
+
+def from_llama2c(tensors, cfg, source):
+    """The Transformer's state dict from llama2.c's names; missing, unexpected or misshapen
+    tensors are one error naming them."""
+    expected = llama2c_shapes(cfg)
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "output.weight"}
+    check_shapes(expected, shapes_of(tensors), cfg, source)
     t = {k: v.float().contiguous() for k, v in tensors.items()}
     state = {"tok_embeddings.weight": t["tok_embeddings.weight"]}
     for i in range(cfg.n_layers):
@@ -231,8 +262,10 @@ def export_llama2c(weights, path, version=0):
     cfg = weights.config
     tensors = to_llama2c(weights.state, cfg)
     dims = (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    if version not in (0, 1):
+        raise ValueError(f"llama2.c version must be 0 or 1; got {version}")
+
+    def write(f):
         if version == 0:
             vocab = cfg.vocab_size if cfg.tie_embeddings else -cfg.vocab_size
             f.write(struct.pack("<7i", *dims, vocab, cfg.max_seq_len))
@@ -251,11 +284,10 @@ def export_llama2c(weights, path, version=0):
             names, _ = _v1_order(cfg)
             for name in names:
                 _write_floats(f, tensors[name])
-        else:
-            raise ValueError(f"llama2.c version must be 0 or 1; got {version}")
         if not cfg.tie_embeddings:
             _write_floats(f, tensors["output.weight"])
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------- llama2.c .pt
@@ -266,6 +298,9 @@ LLAMA2C_MODEL_ARGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", 
 
 def _read_llama2c_pt(path, obj):
     args, state = obj["model_args"], obj["model"]
+    if not isinstance(args, dict) or not isinstance(state, dict) or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'model_args' must be a dict and 'model' a dict of tensors")
     unknown = set(args) - LLAMA2C_MODEL_ARGS
     if unknown:
         raise CheckpointError(f"{path}: unexpected model_args {sorted(unknown)}; llama2.c's are {sorted(LLAMA2C_MODEL_ARGS)}")
@@ -329,6 +364,7 @@ def export_hf(weights, out_dir, tokenizer_bytes=None):
         out[_hf_name(name)] = t.contiguous()
     os.makedirs(out_dir, exist_ok=True)
     save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    default_mode(os.path.join(out_dir, "model.safetensors"))  # safetensors creates it 0600
     bos, eos = 1, 2
     if tokenizer_bytes is not None:
         import sentencepiece as spm
@@ -361,27 +397,38 @@ def _read_hf(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{path}: a folder without config.json; expected a Hugging Face Llama folder")
-    with open(config_path) as f:
-        hf = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not a JSON object ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object; got {type(hf).__name__}")
     if hf.get("model_type") != "llama":
         raise CheckpointError(f"{path}: config.json has model_type {hf.get('model_type')!r}; expected 'llama'")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"{path}: a Llama variant with biases or a non-SiLU MLP, which tinyfuse's model lacks")
     rope = hf.get("rope_parameters") or {}
-    if (hf.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
+    if not isinstance(rope, dict) or (hf.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
         raise CheckpointError(f"{path}: RoPE scaling is not supported; expected plain RoPE")
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings")
+    absent = [k for k in required if k not in hf]
+    if absent:
+        raise CheckpointError(f"{config_path}: no {', '.join(absent)}; expected a Llama config.json")
     n_heads = hf["num_attention_heads"]
-    if hf.get("head_dim", hf["hidden_size"] // n_heads) != hf["hidden_size"] // n_heads:
-        raise CheckpointError(f"{path}: head_dim {hf['head_dim']} is not hidden_size / num_attention_heads")
     try:
         cfg = ModelConfig(dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"], n_layers=hf["num_hidden_layers"],
                           n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads", n_heads),
                           vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
                           norm_eps=hf.get("rms_norm_eps", 1e-5),
-                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                          tie_embeddings=bool(hf.get("tie_word_embeddings", False))).validate()
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: config.json does not describe a model we can build ({e!r})") from None
+                          rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                          tie_embeddings=hf.get("tie_word_embeddings", False) is True).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: does not describe a model tinyfuse can build ({e})") from None
+    if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+        raise CheckpointError(f"{path}: head_dim {hf['head_dim']} is not hidden_size / num_attention_heads")
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     index = os.path.join(path, "model.safetensors.index.json")
@@ -392,10 +439,20 @@ def _read_hf(path):
         files = ["model.safetensors"]
     else:
         raise CheckpointError(f"{path}: no model.safetensors (or its index) beside config.json")
+    files = [inside(path, file, "a file of model.safetensors.index.json") for file in files]
+    by_hf = {_hf_name(name): name for name in llama2c_shapes(cfg)}
+    shapes = {}
+    for file in files:  # the shapes first, from the headers: nothing is loaded for a wrong config
+        with safe_open(file, framework="pt") as f:
+            shapes.update({by_hf.get(k, k): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    expected = llama2c_shapes(cfg)
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")
+        shapes.pop("output.weight", None)
+    check_shapes(expected, shapes, cfg, path)
     hf_tensors = {}
     for file in files:
-        hf_tensors.update(load_file(os.path.join(path, file)))
-    by_hf = {_hf_name(name): name for name in llama2c_shapes(cfg)}
+        hf_tensors.update(load_file(file))
     tensors = {}
     for key, t in hf_tensors.items():
         name = by_hf.get(key, key)
@@ -411,10 +468,80 @@ def _read_hf(path):
     return cfg, tensors, tokenizer
 
 
+# ---------------------------------------------------------------- tinyfuse checkpoints
+
+TRAINING_KEYS = ("model", "model_config", "train_config", "optimizer", "scheduler", "loader", "rng", "step",
+                 "skipped_steps")
+_CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt")
+
+
+def checkpoint_path(out, step):
+    return os.path.join(out, f"ckpt_{step:06d}.pt")
+
+
+def run_checkpoints(out):
+    """A run folder's checkpoints, oldest first, ordered by step number (as text,
+    ckpt_1000000.pt would sort before ckpt_999999.pt)."""
+    if not os.path.isdir(out):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(out) if (m := _CHECKPOINT_NAME.fullmatch(name))]
+    return [os.path.join(out, name) for _, name in sorted(found)]
+
+
+def save_checkpoint(state, path):
+    """Write a native checkpoint atomically (a full disk: one CheckpointError, the previous
+    checkpoints kept, no temporary left)."""
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except FileError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _native_model(path, obj):
+    """(config, model state dict) of a native checkpoint, shapes checked against the config."""
+    try:
+        cfg = ModelConfig.from_dict(obj["model_config"]).validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model_config does not describe a model ({e})") from None
+    state = obj.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'model' is not a dict of tensors")
+    check_shapes(model_shapes(cfg), shapes_of(state), cfg, path)
+    tokenizer = obj.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, bytes):
+        raise CheckpointError(f"{path}: 'tokenizer' must be the bytes of a SentencePiece model")
+    return cfg, state
+
+
+def load_training_state(out):
+    """The newest intact checkpoint of a run folder (a dict of TRAINING_KEYS and more) and the
+    newer ones skipped on the way, as (path, why): a damaged newest file falls back to the one
+    before it."""
+    skipped = []
+    for path in reversed(run_checkpoints(out)):
+        try:
+            obj = read_torch_file(path)
+            if not isinstance(obj, dict) or obj.get("kind") != NATIVE_KIND:
+                raise CheckpointError(f"{path}: not a tinyfuse checkpoint")
+            absent = [k for k in TRAINING_KEYS if k not in obj]
+            if absent:
+                raise CheckpointError(f"{path}: no {', '.join(absent)}")
+            _native_model(path, obj)
+            return obj, skipped
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {out}: " + "; ".join(why for _, why in skipped))
+    raise FileNotFoundError(f"--resume: no checkpoint (ckpt_*.pt) in {out}")
+
+
 # ---------------------------------------------------------------- any format
 
 def load_checkpoint(path):
-    """Weights from any supported format, recognised by content rather than by name."""
+    """Weights from any supported format, recognised by content rather than by name. A run
+    folder stands for its newest checkpoint."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and run_checkpoints(path):
+        path = run_checkpoints(path)[-1]
     if os.path.isdir(path):
         cfg, tensors, tokenizer = _read_hf(path)
         return Weights(cfg, from_llama2c(tensors, cfg, path), tokenizer, "hf")
@@ -433,15 +560,31 @@ def load_checkpoint(path):
     return Weights(cfg, from_llama2c(tensors, cfg, path), None, "llama2c-v0")
 
 
-def _load_torch(path):
+CONVERT_TRUSTED = ("if you trust the file, convert it once to tensors and plain data: python -c \"import torch; "
+                   "o = torch.load('FILE', weights_only=False); torch.save(o, 'FILE.safe.pt')\" after removing "
+                   "what is not a tensor, dict, list, number, string or bytes")
+
+
+def read_torch_file(path):
+    """torch.load(path) restricted to tensors and plain data: nothing in the file can run
+    code. A file that needs any other object is refused, saying which."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(GLOBAL|global) ([\w.]+)", str(e))
+        what = f"a {found.group(2)} object" if found else "objects other than tensors and plain data"
+        raise CheckpointError(f"{path}: refused — it holds {what}, and loading that could run code; tinyfuse reads "
+                              f"only tensors and plain data. {CONVERT_TRUSTED}") from None
     except Exception as e:  # torch raises several types for a damaged file
         raise CheckpointError(f"{path}: a PyTorch file that cannot be read, truncated or damaged "
                               f"({type(e).__name__}: {e})") from None
-    if isinstance(obj, dict) and obj.get("kind") == "tinyfuse-checkpoint":
-        cfg = ModelConfig.from_dict(obj["model_config"]).validate()
-        return Weights(cfg, obj["model"], obj.get("tokenizer"), "tinyfuse")
+
+
+def _load_torch(path):
+    obj = read_torch_file(path)
+    if isinstance(obj, dict) and obj.get("kind") == NATIVE_KIND:
+        cfg, state = _native_model(path, obj)
+        return Weights(cfg, state, obj.get("tokenizer"), "tinyfuse")
     if isinstance(obj, dict) and "model_args" in obj and "model" in obj:
         cfg, state = _read_llama2c_pt(path, obj)
         return Weights(cfg, from_llama2c(state, cfg, path), None, "llama2c-pt")

@@ -5,21 +5,13 @@ import signal
 import sys
 import time
 
-
-def _select_backend():
-    """CUDA when present; otherwise Triton's interpreter, enabled before triton is imported."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    return "cpu"
+from .runtime import default_device, select_backend
 
 
 def prepare(args):
     """Corpus -> tokenizer -> shards, or --verify of a prepared folder."""
-    from .data import DataError, prepare as run_prepare, verify
+    from .data import prepare as run_prepare
+    from .shards import DataError, verify
 
     if args.verify:
         problems = verify(args.verify)
@@ -37,9 +29,9 @@ def prepare(args):
             source=args.source, out_dir=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, workers=args.workers, seed=args.seed,
             stories=args.stories if args.stories > 0 else None, tinystories_format=args.tinystories_format,
-            hub_url=args.hub_url, cache_dir=args.cache_dir, shard_tokens=args.shard_tokens,
+            hub_url=args.hub_url, cache_dir=args.cache_dir, shard_tokens=args.shard_tokens, force=args.force,
         )
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, OSError) as e:
         print(f"tinyfuse prepare: {e}", file=sys.stderr)
         return 1
     for split in ("train", "val"):
@@ -50,46 +42,58 @@ def prepare(args):
     return 0
 
 
-def _typed(annotation):
-    """The argparse type of a dataclass field: int, float, str or bool (Optional unwrapped)."""
-    text = str(annotation)
-    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if text == name or text.startswith(name + " ") or text == f"<class '{name}'>":
-            return kind
-    return None
-
-
-def _add_dataclass_flags(parser, cls, skip=()):
+def _add_dataclass_flags(parser, cls, title):
+    """One flag per field of a settings dataclass, its help, default and choices taken from
+    the field (engine.model.setting); a flag left out keeps the TOML's or the default."""
     import dataclasses
 
+    from .model import setting_kind
+
+    group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
-        kind = _typed(f.type)
-        if kind is None or f.name in skip:
+        kind, _ = setting_kind(f.type)
+        if kind not in (bool, int, float, str) or "help" not in f.metadata:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        choices = f.metadata.get("choices")
+        default = "" if f.default is None else f" (default: {f.default})"
+        if choices:
+            help = f"{f.metadata['help']}; one of {', '.join(choices)}{default}"
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper())
+            help = f"{f.metadata['help']}{default}"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            # Choices are checked by the dataclass's validate(), as for the TOML file: one line.
+            metavar = "{" + ",".join(choices) + "}" if choices else kind.__name__.upper()
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=metavar)
 
 
 def train_config(args):
-    """TrainConfig from the TOML file, then the flags (flags win)."""
+    """TrainConfig from the run's own settings (with --resume), then the TOML file, then the flags: later wins."""
     import dataclasses
 
     from .model import ModelConfig
     from .train import TrainConfig
 
     values = {}
+    given = vars(args)
+    if args.resume and given.get("out"):
+        from .checkpoint import load_training_state
+
+        values = dict(load_training_state(given["out"])[0]["train_config"])  # the run's own settings first
     if args.config:
         if sys.version_info >= (3, 11):
             import tomllib
         else:
             import tomli as tomllib
         with open(args.config, "rb") as f:
-            values = tomllib.load(f)
-    model = dict(values.pop("model", {}))
-    given = vars(args)
+            values.update(tomllib.load(f))
+    model = values.pop("model", {})
+    if not isinstance(model, dict):
+        raise ValueError(f"{args.config}: model settings must be a table ([model] with name = value lines); "
+                         f"got {type(model).__name__} {model!r}")
+    model = dict(model)
     for f in dataclasses.fields(ModelConfig):
         if f.name in given:
             model[f.name] = given[f.name]
@@ -108,8 +112,10 @@ def default_data_dir():
 
 def train(args):
     """The main job: train a model; with no arguments, stories260K on the built-in corpus."""
-    _select_backend()
-    from .data import DataError, prepare as run_prepare, read_manifest
+    select_backend()
+    from .checkpoint import run_checkpoints
+    from .data import prepare as run_prepare
+    from .shards import DataError, read_manifest
     from .train import Interrupted, Trainer
 
     try:
@@ -125,17 +131,22 @@ def train(args):
                 print("tinyfuse train: under torchrun, prepare the data first (tinyfuse prepare --out DIR) "
                       "and pass --data DIR", file=sys.stderr)
                 return 2
-            print(f"preparing the built-in synthetic corpus in {cfg.data} (once)")
-            run_prepare("synthetic", cfg.data, vocab_size=512)
+            print(f"preparing the built-in synthetic corpus in {cfg.data} (once)", flush=True)
+            try:
+                run_prepare("synthetic", cfg.data, vocab_size=512)
+            except (DataError, OSError) as e:
+                print(f"tinyfuse train: {e}", file=sys.stderr)
+                return 2
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         read_manifest(cfg.data)
-        if not args.resume and os.path.isdir(cfg.out) and any(f.startswith("ckpt_") for f in os.listdir(cfg.out)):
-            raise ValueError(f"{cfg.out} already holds checkpoints: pass --resume to continue it, or another --out")
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg)  # holds the run folder from here: a second run into it is refused
         if args.resume:
             trainer.resume()
+        elif run_checkpoints(cfg.out):
+            trainer.close()
+            raise ValueError(f"{cfg.out} already holds checkpoints: pass --resume to continue it, or another --out")
     except (ValueError, FileNotFoundError, ImportError, DataError) as e:
         print(f"tinyfuse train: {e}", file=sys.stderr)
         return 2
@@ -149,15 +160,15 @@ def train(args):
         trainer.fit()
     except Interrupted as e:
         return 128 + signal.Signals[str(e)].value
-    except FloatingPointError as e:
+    except (FloatingPointError, ValueError) as e:  # ValueError: a checkpoint that could not be written
         print(f"tinyfuse train: {e}", file=sys.stderr)
         return 1
     if trainer.master and cfg.sample_tokens > 0:
-        from .sample import load_tokenizer_bytes, story
+        from .sample import load_tokenizer_bytes, printable, story
 
-        sp = load_tokenizer_bytes(trainer.state_dict()["tokenizer"])
+        sp = load_tokenizer_bytes(trainer._tokenizer_bytes())
         say("\n--- a story from the trained model ---")
-        say(story(trainer.model, sp, max_new_tokens=cfg.sample_tokens, seed=cfg.seed))
+        say(printable(story(trainer.model, sp, max_new_tokens=cfg.sample_tokens, seed=cfg.seed)))
     say(f"\ncheckpoint and metrics in {cfg.out}")
     return 0
 
@@ -165,10 +176,9 @@ def train(args):
 def _model_and_tokenizer(args, data=None):
     """The model of --checkpoint (any format) on its device, and its tokenizer: --tokenizer,
     else the one the checkpoint carries, else the prepared data folder's."""
-    import torch
-
     from .checkpoint import check_tokenizer, load_checkpoint
-    from .data import TOKENIZER, load_tokenizer
+    from .data import load_tokenizer
+    from .shards import TOKENIZER
     from .model import Transformer, default_kernels
     from .sample import load_tokenizer_bytes
 
@@ -183,7 +193,7 @@ def _model_and_tokenizer(args, data=None):
     else:
         raise ValueError(f"{args.checkpoint} ({weights.format}) carries no tokenizer: give --tokenizer MODEL")
     check_tokenizer(sp, weights.config, source)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     model = Transformer(weights.config, kernels=args.kernels or default_kernels(device))
     model.load_state_dict(weights.state)
     return model.to(device), sp
@@ -191,28 +201,28 @@ def _model_and_tokenizer(args, data=None):
 
 def sample(args):
     """Generate a story from a checkpoint."""
-    _select_backend()
-    from .data import DataError
-    from .sample import story
+    select_backend()
+    from .shards import DataError
+    from .sample import printable, story
 
     try:
         model, sp = _model_and_tokenizer(args)
         text = story(model, sp, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, seed=args.seed)
+                     top_p=args.top_p, seed=args.seed, progress=True)
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"tinyfuse sample: {e}", file=sys.stderr)
         return 2
-    print(text)
+    print(printable(text))
     return 0
 
 
 def evaluate(args):
     """Loss, perplexity and bits per byte of a checkpoint over held-out stories."""
-    _select_backend()
+    select_backend()
     import json
 
-    from .data import DataError, read_manifest
-    from .evaluate import evaluate as run_evaluate, is_prepared, prepared_stories, text_stories
+    from .evaluate import evaluate as run_evaluate, prepared_stories, text_stories
+    from .shards import DataError, is_prepared, read_manifest
 
     try:
         if args.max_stories is not None and args.max_stories <= 0:
@@ -245,7 +255,8 @@ def evaluate(args):
 def export(args):
     """Write a checkpoint (any format) as llama2.c v0/v1 or a Hugging Face folder."""
     from .checkpoint import check_tokenizer, export as run_export, load_checkpoint
-    from .data import DataError, load_tokenizer
+    from .data import load_tokenizer
+    from .shards import DataError
 
     try:
         weights = load_checkpoint(args.checkpoint)
@@ -265,17 +276,19 @@ def export(args):
     return 0
 
 
-CHECKPOINT_HELP = "a tinyfuse checkpoint, llama2.c .bin (v0 or v1) or .pt, or a Hugging Face folder"
+CHECKPOINT_HELP = ("a tinyfuse checkpoint or run folder (its newest checkpoint), llama2.c .bin (v0 or v1) or .pt, "
+                   "or a Hugging Face folder")
 
 
 def _add_model_flags(parser):
-    parser.add_argument("--device", help="default: cuda when present")
-    parser.add_argument("--kernels", choices=["triton", "torch"], help="default: triton on CUDA, torch elsewhere")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--kernels", choices=["triton", "torch"],
+                        help="fused Triton kernels or the plain-PyTorch ops (default: triton on CUDA, torch elsewhere)")
 
 
 def bench(args):
     """The benchmark suite, or the comparison of two of its results."""
-    _select_backend()
+    select_backend()
     from tinyfuse.bench.suite import main as run_bench
 
     return run_bench(args)
@@ -305,6 +318,8 @@ def build_parser():
     p.add_argument("--cache-dir", help="where downloads are kept (default ~/.cache/tinyfuse)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard, at most")
     p.add_argument("--verify", metavar="DIR", help="check a prepared folder instead of preparing one")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out that holds other files (only the dataset's own files are replaced)")
     p.set_defaults(func=prepare)
 
     from .model import ModelConfig
@@ -315,18 +330,19 @@ def build_parser():
                                    "then from the flags, which win.")
     p.add_argument("--config", help="a TOML file of training settings")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    _add_dataclass_flags(p, TrainConfig, skip=("model",))
-    _add_dataclass_flags(p, ModelConfig)
+    _add_dataclass_flags(p, TrainConfig, "training")
+    _add_dataclass_flags(p, ModelConfig, "model (overrides the preset's; not with --init-from)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("sample", help="generate a story from a checkpoint")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help="a SentencePiece .model (default: the one the checkpoint carries)")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="", help="the story's opening (default: none, the model starts from BOS)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy (default: 0.8)")
+    p.add_argument("--top-p", type=float, default=0.9,
+                   help="sample from the smallest set of tokens whose probability reaches this (default: 0.9)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
     _add_model_flags(p)
     p.set_defaults(func=sample)
 
@@ -344,7 +360,8 @@ def build_parser():
 
     p = sub.add_parser("export", help="write a checkpoint as llama2.c v0/v1 .bin or a Hugging Face folder")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="llama2c-v0 (run.c's legacy .bin), llama2c-v1 (versioned .bin) or hf (a Hugging Face folder)")
     p.add_argument("--out", required=True, help="a .bin file, or a folder for hf")
     p.add_argument("--tokenizer", help="the SentencePiece .model to put in an hf folder (default: the checkpoint's)")
     p.set_defaults(func=export)

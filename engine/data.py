@@ -1,27 +1,23 @@
-"""`tinyfuse prepare`: corpus -> SentencePiece tokenizer -> shards of raw tokens.
-
-A prepared folder holds `train_NNN.bin` / `val_NNN.bin` (little-endian uint16 tokens, uint32
-for vocabularies over 65535; each story is BOS followed by its tokens, as llama2.c writes
-them), the `tokenizer.model` they were encoded with, and `manifest.json` describing both.
-The same input gives byte-identical output.
+"""`tinyfuse prepare`: corpus -> SentencePiece tokenizer -> shards of raw tokens (the folder's
+format is engine.shards). The same input gives byte-identical output.
 """
 import glob
-import hashlib
 import io
 import json
 import os
 import re
 import shutil
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 
 import numpy as np
 
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
-FORMAT = "tinyfuse-shards/1"
-SPLITS = ("train", "val")
+from .progress import Progress
+from .shards import (MANIFEST, SPLITS, TOKENIZER, DataError, read_manifest, sha256_file, token_dtype, write_manifest,
+                     write_shards)
+
 STORY_SEPARATOR = "<|endoftext|>"
 
 HUB_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
@@ -32,44 +28,34 @@ TINYSTORIES_FILES = {
 DEFAULT_SHARD_TOKENS = 1 << 26  # 128 MB of uint16 per shard
 
 
-class DataError(ValueError):
-    """A prepared folder or a corpus that cannot be used, with what was found and expected."""
-
-
 def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tinyfuse")
 
 
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _progress(**kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(dynamic_ncols=True, disable=kwargs.pop("quiet", False) or None, **kwargs)
-
-
 # ---------------------------------------------------------------- reading corpora
+
+def _read_utf8(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "convert it to UTF-8 first") from None
+
 
 def read_text_stories(path):
     """Stories of a text file: separated by <|endoftext|>, or by blank lines when it has none."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_utf8(path)
     parts = text.split(STORY_SEPARATOR) if STORY_SEPARATOR in text else re.split(r"\n\s*\n", text)
     return [p.strip() for p in parts if p.strip()]
 
 
 def read_json_stories(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+    try:
+        items = json.loads(_read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("story"), str) for i in items):
         raise DataError(f"{path}: expected a JSON list of objects with a \"story\" string")
     return [i["story"].strip() for i in items if i["story"].strip()]
@@ -144,12 +130,12 @@ def download(url, dest, quiet=False):
         if size is None and response.headers.get("Content-Length"):
             size = have + int(response.headers["Content-Length"])
         name = os.path.basename(dest)
-        with response, open(part, "ab" if have else "wb") as f, _progress(
-            total=size, initial=have, unit="B", unit_scale=True, desc=f"download {name}", quiet=quiet
+        with response, open(part, "ab" if have else "wb") as f, Progress(
+            size, f"download {name}", "byte", initial=have, enabled=not quiet
         ) as bar:
             for block in iter(lambda: response.read(1 << 20), b""):
                 f.write(block)
-                bar.update(len(block))
+                bar.update(n=len(block))
     got = os.path.getsize(part)
     if size is not None and got != size:
         raise DataError(f"download of {url} stopped at {got} of {size} bytes; run the command again to resume")
@@ -220,10 +206,6 @@ def load_tokenizer(path):
         raise DataError(f"tokenizer {path!r}: not a SentencePiece model ({e})") from None
 
 
-def token_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
 # ---------------------------------------------------------------- pretokenization
 
 def encode_stories(sp, stories, workers, desc="tokenize", quiet=False, chunk=8192):
@@ -231,35 +213,13 @@ def encode_stories(sp, stories, workers, desc="tokenize", quiet=False, chunk=819
     dtype = token_dtype(sp.vocab_size())
     bos = sp.bos_id()
     out = []
-    with _progress(total=len(stories), unit="story", desc=desc, quiet=quiet) as bar:
+    with Progress(len(stories), desc, "story", enabled=not quiet) as bar:
         for start in range(0, len(stories), chunk):
             batch = stories[start:start + chunk]
             for ids in sp.encode(batch, num_threads=workers):
                 out.append(np.array([bos, *ids], dtype=dtype))
-            bar.update(len(batch))
+            bar.update(n=len(batch))
     return out
-
-
-def write_shards(encoded, out_dir, split, shard_tokens):
-    """Concatenate story arrays into shards of at most ~shard_tokens (whole stories only)."""
-    shards, pending, pending_tokens, pending_stories = [], [], 0, 0
-
-    def flush():
-        name = f"{split}_{len(shards):03d}.bin"
-        data = np.concatenate(pending) if pending else np.zeros(0, np.uint16)
-        data.astype(data.dtype.newbyteorder("<"), copy=False).tofile(os.path.join(out_dir, name))
-        shards.append({"file": name, "split": split, "tokens": int(data.size), "stories": pending_stories})
-
-    for ids in encoded:
-        if pending and pending_tokens + ids.size > shard_tokens:
-            flush()
-            pending, pending_tokens, pending_stories = [], 0, 0
-        pending.append(ids)
-        pending_tokens += ids.size
-        pending_stories += 1
-    if pending:
-        flush()
-    return shards
 
 
 def split_stories(stories, val_fraction, seed):
@@ -274,24 +234,77 @@ def split_stories(stories, val_fraction, seed):
     return [s for s, v in zip(stories, chosen) if not v], [s for s, v in zip(stories, chosen) if v]
 
 
+def _check_out(out_dir, force):
+    """The files of out_dir a new dataset may replace: those of the tinyfuse dataset already
+    there. A folder holding anything else is refused (unless force: then only the old
+    dataset's own files are replaced, and the rest is left alone)."""
+    if not os.path.exists(out_dir):
+        return []
+    if not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir}: exists and is not a folder")
+    present = set(os.listdir(out_dir))
+    if not present:
+        return []
+    ours = set()
+    if MANIFEST in present:
+        try:
+            manifest = read_manifest(out_dir)
+            ours = {MANIFEST} | {s["file"] for s in manifest["shards"]} | \
+                ({manifest["tokenizer"]["path"]} if manifest["tokenizer"].get("path") else set())
+        except (DataError, OSError):
+            ours = set()
+    others = sorted(present - ours)
+    if others and not force:
+        kind = "a tinyfuse dataset with other files beside it" if ours else "not a tinyfuse dataset"
+        raise DataError(f"--out {out_dir}: a non-empty folder that is {kind} ({', '.join(others[:4])}"
+                        f"{' ...' if len(others) > 4 else ''}); choose an empty or new folder, or pass --force to write "
+                        "the dataset there (files it did not write are left alone)")
+    return sorted(ours & present)
+
+
+def _install(build_dir, out_dir, replaced):
+    """Move the finished dataset from build_dir into out_dir, then remove the files of the
+    dataset it replaces that the new one did not overwrite."""
+    os.makedirs(out_dir, exist_ok=True)
+    new = sorted(os.listdir(build_dir))
+    for name in new:
+        if name != MANIFEST:
+            os.replace(os.path.join(build_dir, name), os.path.join(out_dir, name))
+    os.replace(os.path.join(build_dir, MANIFEST), os.path.join(out_dir, MANIFEST))  # last: the folder is complete
+    for name in set(replaced) - set(new):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    os.rmdir(build_dir)
+
+
 def prepare(source="synthetic", out_dir=None, tokenizer=None, vocab_size=None, val_fraction=0.01,
             workers=None, seed=0, stories=100_000, tinystories_format="json", hub_url=HUB_URL,
-            cache_dir=None, shard_tokens=DEFAULT_SHARD_TOKENS, quiet=False):
+            cache_dir=None, shard_tokens=DEFAULT_SHARD_TOKENS, quiet=False, force=False):
     """Prepare a folder of shards from a source; returns the manifest.
 
-    `stories` is the synthetic corpus's size and a cap on the other sources (None: all)."""
+    Everything is checked and built in a temporary folder beside out_dir first; out_dir
+    changes only when the whole dataset is ready, and only files of a tinyfuse dataset are
+    ever replaced. `stories` is the synthetic corpus's size and a cap on the other sources
+    (None: all)."""
     from . import synthetic
 
     if out_dir is None:
         raise DataError("--out: a folder for the shards is needed")
     if tokenizer is not None and vocab_size is not None:
         raise DataError("give --tokenizer or --vocab-size, not both")
-    if vocab_size is not None and vocab_size < 260:
-        raise DataError(f"--vocab-size {vocab_size}: byte fallback needs at least 260 tokens (256 bytes + specials)")
+    if vocab_size is not None and not 260 <= vocab_size <= 1 << 20:
+        raise DataError(f"--vocab-size {vocab_size}: expected at least 260 (256 bytes + specials, for byte "
+                        "fallback) and at most 1048576")
     if shard_tokens <= 0:
         raise DataError(f"--shard-tokens {shard_tokens}: expected a positive count")
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)  # before any work: a mistyped path fails now
+    replaced = _check_out(out_dir, force)
     workers = workers or os.cpu_count() or 1
+    say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     if source == "synthetic":
+        say(f"writing {stories} synthetic stories (seed {seed})")
         corpus = {"train": synthetic.stories(seed, stories), "val": None}
     elif source == "tinystories":
         corpus = tinystories(tinystories_format, cache_dir, hub_url, quiet=quiet)
@@ -302,124 +315,24 @@ def prepare(source="synthetic", out_dir=None, tokenizer=None, vocab_size=None, v
     if corpus["val"] is None:
         corpus["train"], corpus["val"] = split_stories(corpus["train"], val_fraction, seed)
 
-    os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, "*.bin")) + [os.path.join(out_dir, MANIFEST)]:
-        if os.path.exists(old):
-            os.remove(old)
-    tok_path = os.path.join(out_dir, TOKENIZER)
-    if tokenizer is None:
-        if not quiet:
-            print(f"training a {vocab_size or 512}-token SentencePiece BPE tokenizer on {len(corpus['train'])} stories")
-        train_tokenizer(corpus["train"], vocab_size or 512, tok_path, workers, seed)
-    elif os.path.abspath(tokenizer) != os.path.abspath(tok_path):
-        load_tokenizer(tokenizer)
-        shutil.copyfile(tokenizer, tok_path)
-    sp = load_tokenizer(tok_path)
-
-    shards = []
-    for split in SPLITS:
-        encoded = encode_stories(sp, corpus[split], workers, desc=f"tokenize {split}", quiet=quiet)
-        shards += write_shards(encoded, out_dir, split, shard_tokens)
-    manifest = {
-        "format": FORMAT,
-        "tokenizer": {"path": TOKENIZER, "source": tokenizer or "trained", "sha256": sha256_file(tok_path)},
-        "vocab_size": sp.vocab_size(),
-        "bos_id": sp.bos_id(),
-        "eos_id": sp.eos_id(),
-        "dtype": np.dtype(token_dtype(sp.vocab_size())).name,
-        "shards": shards,
-    }
-    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))  # last: a folder with a manifest is complete
-    return manifest
-
-
-# ---------------------------------------------------------------- reading prepared folders
-
-def read_manifest(data_dir):
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{data_dir!r} holds no prepared data ({MANIFEST} is missing); "
-            f"make it with `tinyfuse prepare --out {data_dir}`"
-        )
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    build_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.building-", dir=parent)
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable ({e})") from None
-    for key in ("format", "tokenizer", "vocab_size", "bos_id", "dtype", "shards"):
-        if key not in manifest:
-            raise DataError(f"{path}: no {key!r} field; re-run `tinyfuse prepare`")
-    if manifest["format"] != FORMAT:
-        raise DataError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
-    if manifest["dtype"] not in ("uint16", "uint32"):
-        raise DataError(f"{path}: dtype {manifest['dtype']!r}, expected uint16 or uint32")
+        tok_path = os.path.join(build_dir, TOKENIZER)
+        if tokenizer is None:
+            say(f"training a {vocab_size or 512}-token SentencePiece BPE tokenizer on {len(corpus['train'])} stories")
+            train_tokenizer(corpus["train"], vocab_size or 512, tok_path, workers, seed)
+        else:
+            shutil.copyfile(tokenizer, tok_path)
+        sp = load_tokenizer(tok_path)
+        shards = []
+        for split in SPLITS:
+            say(f"tokenizing {len(corpus[split])} {split} stories")
+            encoded = encode_stories(sp, corpus[split], workers, desc=f"tokenize {split}", quiet=quiet)
+            shards += write_shards(encoded, build_dir, split, shard_tokens)
+        manifest = write_manifest(build_dir, shards, sp.vocab_size(), sp.bos_id(), sp.eos_id(), tokenizer or "trained")
+        _install(build_dir, out_dir, replaced)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)  # only ever the folder made above
     return manifest
-
-
-def split_shards(data_dir, split, manifest=None):
-    """Paths and token counts of a split's shards, checked against the files on disk."""
-    manifest = manifest or read_manifest(data_dir)
-    if split not in SPLITS:
-        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    paths, counts = [], []
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        path = os.path.join(data_dir, shard["file"])
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise FileNotFoundError(f"shard {path} is missing or unreadable; re-run `tinyfuse prepare`")
-        size = os.path.getsize(path)
-        if size % itemsize:
-            raise DataError(f"shard {path} has {size} bytes, not a multiple of the {itemsize}-byte {manifest['dtype']} token")
-        paths.append(path)
-        counts.append(size // itemsize)
-    if not paths:
-        raise DataError(f"{data_dir}: no {split} shards in {MANIFEST}")
-    return paths, counts
-
-
-def verify(data_dir, quiet=False):
-    """Re-read a prepared folder; returns the problems found (empty when it is sound)."""
-    try:
-        manifest = read_manifest(data_dir)
-    except (FileNotFoundError, DataError) as e:
-        return [str(e)]
-    problems = []
-    tok_path = os.path.join(data_dir, manifest["tokenizer"]["path"])
-    if not os.path.isfile(tok_path):
-        problems.append(f"tokenizer {tok_path} is missing")
-    elif sha256_file(tok_path) != manifest["tokenizer"]["sha256"]:
-        problems.append(f"tokenizer {tok_path}: sha256 differs from the manifest's")
-    dtype, vocab = np.dtype(manifest["dtype"]), manifest["vocab_size"]
-    if np.dtype(token_dtype(vocab)) != dtype:
-        problems.append(f"dtype {dtype.name} does not match a {vocab}-token vocabulary")
-    for split in SPLITS:
-        if not any(s["split"] == split for s in manifest["shards"]):
-            problems.append(f"no {split} shards")
-    with _progress(total=len(manifest["shards"]), unit="shard", desc="verify", quiet=quiet) as bar:
-        for shard in manifest["shards"]:
-            path = os.path.join(data_dir, shard["file"])
-            bar.update(1)
-            if not os.path.isfile(path):
-                problems.append(f"{shard['file']}: missing")
-                continue
-            size = os.path.getsize(path)
-            if size != shard["tokens"] * dtype.itemsize:
-                problems.append(f"{shard['file']}: {size} bytes, expected {shard['tokens']} {dtype.name} tokens "
-                                f"= {shard['tokens'] * dtype.itemsize} bytes")
-                continue
-            tokens = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r") if size else np.zeros(0, dtype)
-            for start in range(0, tokens.size, 1 << 24):
-                top = int(tokens[start:start + (1 << 24)].max())
-                if top >= vocab:
-                    problems.append(f"{shard['file']}: token {top} is not below the vocabulary size {vocab}")
-                    break
-            if size and tokens[0] != manifest["bos_id"]:
-                problems.append(f"{shard['file']}: does not start with BOS ({manifest['bos_id']})")
-    return problems

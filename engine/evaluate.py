@@ -6,12 +6,14 @@ per byte divide the summed loss (in bits) by the UTF-8 bytes of the scored token
 which makes models with different tokenizers comparable.
 """
 import math
-import os
 
 import numpy as np
 import torch
 
-from .data import MANIFEST, read_manifest, read_stories, split_shards
+from .data import read_stories
+from .progress import Progress
+from .runtime import autocast
+from .shards import read_manifest, split_shards
 
 
 def text_stories(sp, path, max_stories=None):
@@ -34,10 +36,6 @@ def prepared_stories(data_dir, max_stories=None):
     return out[:max_stories]
 
 
-def is_prepared(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
-
-
 @torch.no_grad()
 def evaluate(model, sp, stories, batch_tokens=16384, progress=False):
     """{"loss", "ppl", "bpb", "tokens", "bytes", "stories"} of the model over token lists
@@ -48,7 +46,6 @@ def evaluate(model, sp, stories, batch_tokens=16384, progress=False):
     stories = [s[:context + 1] for s in stories if len(s) > 1]  # inputs fill the context at most
     n_bytes = sum(len(sp.decode(s[1:]).encode("utf-8")) for s in stories)
     device = model.tok_embeddings.weight.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     order = sorted(range(len(stories)), key=lambda i: -len(stories[i]))  # similar lengths share a batch
     batches, at = [], 0
     while at < len(order):
@@ -59,17 +56,18 @@ def evaluate(model, sp, stories, batch_tokens=16384, progress=False):
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    from tqdm.auto import tqdm
-
-    for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress or None):
+    bar = Progress(len(batches), "eval", "batch", enabled=progress)
+    for batch in batches:
         width = len(stories[batch[0]]) - 1
         x = torch.zeros((len(batch), width), dtype=torch.long)
         y = torch.full((len(batch), width), -100, dtype=torch.long)
         for row, i in enumerate(batch):
             s = torch.tensor(stories[i])
             x[row, :len(s) - 1], y[row, :len(s) - 1] = s[:-1], s[1:]
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        with autocast(device):
             total += model.token_losses(x.to(device), y.to(device)).double().sum()
+        bar.update()
+    bar.close()
     model.train(was_training)
     n_tokens = sum(len(s) - 1 for s in stories)
     loss = total.item() / n_tokens

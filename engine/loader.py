@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 import torch
 
-from .data import read_manifest, split_shards
+from .shards import read_manifest, split_shards
 
 _MASK64 = (1 << 64) - 1
 

@@ -11,34 +11,75 @@ from tinyfuse.kernels.reference. The residual stream runs in the compute dtype (
 autocast), which both paths share, so they agree to that dtype's rounding.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def setting(default, help, choices=None):
+    """A settings-dataclass field that carries its command-line help and choices: the flags
+    of `tinyfuse train` are generated from these, so the dataclass is their one source."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def field_choices(cls, name):
+    return next(f.metadata.get("choices") for f in fields(cls) if f.name == name)
+
+
+def setting_kind(annotation):
+    """(type, optional) of a settings field annotated `int`, `float | None`, ..."""
+    args = typing.get_args(annotation) or (annotation,)
+    kind = next((a for a in args if a is not type(None)), None)
+    return (kind if kind in (bool, int, float, str, dict) else None), type(None) in args
+
+
 def settings_from_dict(cls, values, what):
-    """cls(**values), with one error naming every key the dataclass does not have."""
+    """cls(**values), with one error naming every key the dataclass does not have, or the
+    first value of the wrong type (a TOML file can hold anything)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} settings must be a table of name = value; got {type(values).__name__} {values!r}")
     unknown = set(values) - {f.name for f in fields(cls)}
     if unknown:
         raise ValueError(f"unknown {what} settings: {', '.join(sorted(unknown))}")
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, (kind, optional) = values[f.name], setting_kind(f.type)
+        if value is None and optional or kind is None:
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            expected = kind.__name__ + (" or none" if optional else "")
+            raise ValueError(f"{what} setting {f.name} must be {'a table' if kind is dict else 'a ' + expected}; "
+                             f"got {type(value).__name__} {value!r}")
     return cls(**values)
+
+
+# What a configuration (and so a checkpoint's header or config.json) may ask for: far above
+# the TinyStories family, low enough that no header makes the tool allocate without bound.
+MODEL_LIMITS = {"dim": 65536, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "vocab_size": 1 << 24,
+                "hidden_dim": 1 << 20, "max_seq_len": 1 << 20}
 
 
 @dataclass
 class ModelConfig:
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int | None = None  # None: as many as n_heads
-    vocab_size: int = 32000
-    hidden_dim: int | None = None  # None: multiple_of * ceil(int(8 * dim / 3) / multiple_of)
-    multiple_of: int = 32
-    norm_eps: float = 1e-5
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True  # the output layer reuses the token embedding
+    """The model's shape; every field is also a `tinyfuse train` flag."""
+    dim: int = setting(288, "width of the residual stream")
+    n_layers: int = setting(6, "transformer blocks")
+    n_heads: int = setting(6, "attention heads")
+    n_kv_heads: int | None = setting(None, "key/value heads (grouped-query attention); default: n_heads")
+    vocab_size: int = setting(32000, "vocabulary size; default: the data's")
+    hidden_dim: int | None = setting(None, "SwiGLU width; default: multiple_of * ceil(int(8 * dim / 3) / multiple_of)")
+    multiple_of: int = setting(32, "round the default hidden_dim up to a multiple of this")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon")
+    max_seq_len: int = setting(256, "the longest context (RoPE tables, KV cache)")
+    rope_theta: float = setting(10000.0, "RoPE base")
+    tie_embeddings: bool = setting(True, "the output layer reuses the token embedding")
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -54,10 +95,14 @@ class ModelConfig:
         """Raise ValueError with one clear line for a configuration that cannot be built."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model {name} must be a positive integer; got {value!r}")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError("model norm_eps and rope_theta must be positive")
+            if value > MODEL_LIMITS.get(name, value):
+                raise ValueError(f"model {name} {value} is above tinyfuse's limit of {MODEL_LIMITS[name]}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"model {name} must be a positive finite number; got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"model dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -85,7 +130,7 @@ PRESETS = {
 def preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})
 
 
 def _ops(kernels):
@@ -207,19 +252,22 @@ class Transformer(nn.Module):
         """Parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def rope_tables(self, device):
-        if self._rope is None or self._rope[0].device != device:
+    def rope_tables(self, device, length):
+        """cos, sin for at least `length` positions; grown on demand (to a power of two, at most
+        max_seq_len), so a long max_seq_len costs nothing until it is used."""
+        if self._rope is None or self._rope[0].device != device or self._rope[0].shape[0] < length:
             from tinyfuse.kernels.rope import rope_tables
 
             cfg = self.config
-            self._rope = rope_tables(cfg.max_seq_len, cfg.head_dim, theta=cfg.rope_theta, device=device)
+            rows = min(cfg.max_seq_len, max(256, 1 << (length - 1).bit_length()))
+            self._rope = rope_tables(rows, cfg.head_dim, theta=cfg.rope_theta, device=device)
         return self._rope
 
     def _trunk(self, tokens, caches=None, start=0):
         b, t = tokens.shape
-        cos, sin = self.rope_tables(tokens.device)
         if start + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the model's max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_tables(tokens.device, start + t)
         dtype = torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type) \
             else self.tok_embeddings.weight.dtype
         delta, residual = self.tok_embeddings(tokens).to(dtype), None
@@ -247,9 +295,10 @@ class Transformer(nn.Module):
                                              targets.reshape(-1), reduction="none")
         return loss.view(targets.shape)
 
-    def new_cache(self, batch_size, device, dtype):
+    def new_cache(self, batch_size, device, dtype, length=None):
+        """Key and value buffers per layer for `length` positions (default: max_seq_len)."""
         cfg = self.config
-        shape = (batch_size, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch_size, min(length or cfg.max_seq_len, cfg.max_seq_len), cfg.n_kv_heads, cfg.head_dim)
         return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in range(cfg.n_layers)]
 

@@ -1,6 +1,9 @@
 """Sampling with a KV cache: temperature, nucleus (top-p), seeded, stopping at BOS or EOS."""
 import torch
 
+from .progress import Progress
+from .runtime import autocast, compute_dtype
+
 
 def pick(logits, temperature, top_p, generator):
     """The next token from float logits [V]: argmax at temperature 0, else a draw from the
@@ -18,7 +21,7 @@ def pick(logits, temperature, top_p, generator):
 
 
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed=0, stop=()):
+def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed=0, stop=(), progress=False):
     """Token ids continuing `prompt` (a list starting with BOS) until a stop id, the token
     budget, or the model's context runs out."""
     if temperature < 0 or not 0 < top_p <= 1:
@@ -30,11 +33,12 @@ def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed
     if len(prompt) >= limit:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
     generator = torch.Generator(device=device).manual_seed(seed)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     was_training = model.training
     model.eval()
-    caches = model.new_cache(1, device, dtype)
-    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+    caches = model.new_cache(1, device, dtype, len(prompt) + max_new_tokens)
+    bar = Progress(max_new_tokens, "sample", "token", enabled=progress)
+    with autocast(device):
         logits = model.forward_cached(torch.tensor([prompt], device=device), caches, 0)
         out, position = [], len(prompt)  # position: where the next token goes
         while len(out) < max_new_tokens and position < limit:
@@ -42,9 +46,11 @@ def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed
             if token in stop:
                 break
             out.append(token)
+            bar.update()
             if len(out) < max_new_tokens and position + 1 < limit:
                 logits = model.forward_cached(torch.tensor([[token]], device=device), caches, position)
             position += 1
+    bar.close()
     model.train(was_training)
     return out
 
@@ -60,3 +66,9 @@ def story(model, sp, prompt="", **kwargs):
     ids = [sp.bos_id()] + (sp.encode(prompt) if prompt else [])
     new = generate(model, ids, stop=(sp.bos_id(), sp.eos_id()), **kwargs)
     return sp.decode(ids[1:] + new)
+
+
+def printable(text):
+    """Text safe to print to a terminal: control characters other than newline and tab (an
+    undertrained model emits raw bytes such as ESC) shown escaped, as \\x1b."""
+    return "".join(c if c in "\n\t" or (c.isprintable() and c != "\x7f") else repr(c)[1:-1] for c in text)

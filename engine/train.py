@@ -5,7 +5,7 @@ A run folder holds `ckpt_NNNNNN.pt` (the last `keep_checkpoints`), `metrics.json
 object per log line) and `loss.png`.
 """
 import contextlib
-import glob
+import hashlib
 import json
 import math
 import os
@@ -20,74 +20,86 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import read_manifest
+from .checkpoint import (NATIVE_KIND, check_shapes, checkpoint_path, load_checkpoint, load_training_state, run_checkpoints, save_checkpoint, shapes_of)
+from .shards import max_token, read_manifest, split_shards, tokenizer_path
+from .files import FolderLock
 from .loader import TokenLoader
-from .model import ModelConfig, Transformer, default_kernels, preset, settings_from_dict
-
-# Dense bf16 tensor-core peaks, TFLOP/s, by a fragment of torch.cuda.get_device_name().
-# The first fragment found wins, so the more specific names come first.
-PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
-    ("GH200", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX 4090", 165.0), ("RTX 3090", 71.0),
-]
-
-
-def device_peak_tflops(device_name):
-    for fragment, peak in PEAK_TFLOPS:
-        if fragment in device_name:
-            return peak
-    return None
-
+from .model import PRESETS, ModelConfig, Transformer, default_kernels, field_choices, preset, setting, settings_from_dict
+from .progress import Progress
+from .runtime import autocast, default_device, device_peak_tflops, mfu
 
 @dataclass
 class TrainConfig:
-    preset: str = "stories260K"
-    model: dict = field(default_factory=dict)  # overrides of the preset's ModelConfig
-    data: str | None = None  # a prepared folder; None: the built-in synthetic corpus (prepared once)
-    out: str | None = None  # the run folder; None: runs/<preset>-<date>
-    init_from: str | None = None  # weights to start from (a checkpoint in any supported format)
-    batch_size: int = 8  # sequences per micro-batch, per rank
-    seq_len: int | None = None  # None: the model's max_seq_len
-    grad_accum: int = 1  # micro-batches per optimizer step, over all ranks
-    max_steps: int = 300
-    lr: float = 6e-3
-    min_lr: float = 6e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 10
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 5
-    seed: int = 0
-    device: str | None = None  # None: cuda when present
-    kernels: str | None = None  # None: triton on CUDA, torch elsewhere
-    attention: str = "sdpa"
-    compile: bool = False
-    peak_tflops: float | None = None  # for devices the table does not know
-    sample_tokens: int = 200  # the story printed when training ends; 0: none
+    """Every training setting; `tinyfuse train --help` is generated from these fields
+    (the help text, default and choices of each flag come from its `setting`)."""
+    preset: str = setting("stories260K", "the model's shape", choices=tuple(PRESETS))
+    model: dict = field(default_factory=dict)  # overrides of the preset's ModelConfig (flags or a [model] table)
+    data: str | None = setting(None, "a prepared folder (tinyfuse prepare); default: the built-in synthetic "
+                                     "corpus, prepared once")
+    out: str | None = setting(None, "the run folder; default: runs/<preset>-<date>")
+    init_from: str | None = setting(None, "start from these weights (any --checkpoint format); the model's shape "
+                                          "comes from them")
+    allow_tokenizer_mismatch: bool = setting(False, "with --init-from: train even when the checkpoint's tokenizer "
+                                                    "differs from the data's")
+    batch_size: int = setting(8, "sequences per micro-batch, per rank")
+    seq_len: int | None = setting(None, "tokens per sequence; default: the model's max_seq_len")
+    grad_accum: int = setting(1, "micro-batches per optimizer step, over all ranks")
+    max_steps: int = setting(400, "optimizer steps")
+    lr: float = setting(6e-3, "peak learning rate (after warm-up)")
+    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay; default: lr / 10")
+    warmup_steps: int = setting(20, "steps of linear warm-up")
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    eval_every: int = setting(100, "steps between validation losses")
+    eval_batches: int = setting(10, "batches per validation loss")
+    log_every: int = setting(10, "steps between log lines (metrics.jsonl)")
+    ckpt_every: int = setting(100, "steps between checkpoints")
+    keep_checkpoints: int = setting(3, "checkpoints kept in the run folder")
+    max_bad_steps: int = setting(5, "stop after this many non-finite steps in a row")
+    seed: int = setting(0, "seed of the initialisation, the data order and the sample")
+    device: str | None = setting(None, "cpu, cuda or cuda:N; default: cuda when present")
+    kernels: str | None = setting(None, "fused Triton kernels or the plain-PyTorch ops; default: triton on CUDA, "
+                                        "torch elsewhere", choices=("triton", "torch"))
+    attention: str = setting("sdpa", "attention implementation", choices=("sdpa", "flash-attn"))
+    compile: bool = setting(False, "torch.compile the model")
+    threads: int | None = setting(None, "CPU threads for the math on CPU; default: every core")
+    peak_tflops: float | None = setting(None, "the device's dense bf16 peak for MFU, when the table lacks it")
+    sample_tokens: int = setting(200, "tokens of the story printed when training ends (0: none)")
+
+    @property
+    def final_lr(self):
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def validate(self):
         positive = ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches",
                     "ckpt_every", "keep_checkpoints", "max_bad_steps")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len <= 0):
-            raise ValueError(f"seq_len must be a positive integer; got {self.seq_len!r}")
-        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        for name in ("seq_len", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "peak_tflops"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
+        if not self.lr > 0 or not 0 <= self.final_lr <= self.lr:
             raise ValueError(f"lr must be positive and min_lr in [0, lr]; got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("warmup_steps, weight_decay and grad_clip must not be negative")
-        if self.kernels not in (None, "triton", "torch"):
-            raise ValueError(f"kernels must be 'triton' or 'torch'; got {self.kernels!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1); got {self.beta1}, {self.beta2}")
+        settings_from_dict(ModelConfig, self.model, "model")  # names and types; the shape is checked once built
+        for name in ("preset", "kernels", "attention"):
+            allowed = field_choices(type(self), name)
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         if self.init_from and self.model:
             raise ValueError(f"the model's shape comes from --init-from {self.init_from}; drop the model settings "
                              f"({', '.join(sorted(self.model))})")
@@ -105,7 +117,7 @@ def lr_at(step, cfg):
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + math.cos(math.pi * progress))
 
 
 class Interrupted(Exception):
@@ -113,7 +125,11 @@ class Interrupted(Exception):
 
 
 def _rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and numbers (a checkpoint holds nothing else)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -121,47 +137,16 @@ def _rng_state():
 
 def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj, path):
-    """Temporary file, fsync, rename, fsync of the folder: a crash leaves the old file or the new."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def checkpoints(out):
-    return sorted(glob.glob(os.path.join(out, "ckpt_*.pt")))
-
-
-def check_shapes(model, state_dict, source):
-    """A clear error naming what differs when a checkpoint is for another model shape."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
-             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("shapes differ: " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
-        if missing:
-            parts.append("missing: " + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
-        if unexpected:
-            parts.append("unexpected: " + ", ".join(unexpected[:4]) + (" ..." if len(unexpected) > 4 else ""))
-        raise ValueError(f"{source} is for another model shape ({'; '.join(parts)})")
+def format_rate(tokens_per_s):
+    """One format for every tokens/s a log line shows: 867, 2,070, 1.42M."""
+    return f"{tokens_per_s / 1e6:.2f}M" if tokens_per_s >= 1e6 else f"{tokens_per_s:,.0f}"
 
 
 class Trainer:
@@ -181,25 +166,29 @@ class Trainer:
             raise ValueError(f"grad_accum {cfg.grad_accum} must be divisible by the {self.world} ranks")
         self.micro_steps = cfg.grad_accum // self.world
 
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and self.ddp:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = default_device(cfg.device)
+        if device.type == "cuda" and self.ddp:
+            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
             torch.cuda.set_device(device)
-        self.device = torch.device(device)
+        self.device = device
         self.kernels = cfg.kernels or default_kernels(self.device)
         self.data = cfg.data
         self.manifest = read_manifest(self.data)
 
         init_state = None
         if cfg.init_from:
-            from .checkpoint import load_checkpoint
-
             weights = load_checkpoint(cfg.init_from)  # its shape, not the preset's
             self.model_cfg, init_state = weights.config, weights.state
             if self.manifest["vocab_size"] != self.model_cfg.vocab_size:
                 raise ValueError(f"{self.data} was tokenized with {self.manifest['vocab_size']} tokens; "
                                  f"{cfg.init_from} has a vocabulary of {self.model_cfg.vocab_size}: prepare the data "
                                  "with the model's tokenizer (tinyfuse prepare --tokenizer MODEL)")
+            theirs = hashlib.sha256(weights.tokenizer).hexdigest() if weights.tokenizer else None
+            if theirs and theirs != self.manifest["tokenizer"]["sha256"] and not cfg.allow_tokenizer_mismatch:
+                raise ValueError(f"{cfg.init_from} carries another tokenizer than {self.data} was prepared with "
+                                 f"(sha256 {theirs[:12]}... vs {self.manifest['tokenizer']['sha256'][:12]}...): the same "
+                                 "ids would mean other tokens. Prepare the data with the checkpoint's tokenizer, or "
+                                 "pass --allow-tokenizer-mismatch")
         else:
             self.model_cfg = preset(cfg.preset, **cfg.model)
             if "vocab_size" not in cfg.model:
@@ -208,17 +197,27 @@ class Trainer:
         if self.manifest["vocab_size"] > self.model_cfg.vocab_size:
             raise ValueError(f"the data's vocabulary ({self.manifest['vocab_size']} tokens) is larger than the "
                              f"model's vocab_size {self.model_cfg.vocab_size}")
+        vocab = min(self.manifest["vocab_size"], self.model_cfg.vocab_size)
+        for split in ("train", "val"):
+            for path in split_shards(self.data, split, self.manifest)[0]:
+                top = max_token(path, self.manifest["dtype"])
+                if top >= vocab:
+                    raise ValueError(f"{path} holds token {top}, not below the vocabulary size {vocab} "
+                                     f"(manifest {self.manifest['vocab_size']}, model {self.model_cfg.vocab_size}): "
+                                     "the manifest does not describe these shards; re-run tinyfuse prepare")
         self.seq_len = cfg.seq_len or self.model_cfg.max_seq_len
         if self.seq_len > self.model_cfg.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_cfg.max_seq_len}")
 
+        if self.device.type == "cpu" and cfg.threads:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = Transformer(self.model_cfg, kernels=self.kernels, attention=cfg.attention).to(self.device)
         if init_state is not None:
-            check_shapes(self.model, init_state, cfg.init_from)
+            check_shapes(shapes_of(self.model.state_dict()), shapes_of(init_state), self.model_cfg, cfg.init_from)
             self.model.load_state_dict(init_state)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -235,8 +234,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
+        self.autocast = autocast(self.device)
 
         loader_device = self.device if self.device.type == "cuda" else None
         self.train_loader = TokenLoader(self.data, "train", cfg.batch_size, self.seq_len, seed=cfg.seed,
@@ -260,12 +258,19 @@ class Trainer:
                 self.peak_flops = peak * 1e12 * self.world
         self.out = cfg.out
         self._stop_signal = None
+        try:
+            self._lock = FolderLock(self.out) if self.master and self.out else None
+        except Exception:
+            self.train_loader.close()
+            self.val_loader.close()
+            raise
 
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self):
+        """The native checkpoint: tensors and plain data only (see engine.checkpoint)."""
         return {
-            "kind": "tinyfuse-checkpoint",
+            "kind": NATIVE_KIND,
             "model": self.model.state_dict(),
             "model_config": self.model_cfg.to_dict(),
             "train_config": asdict(self.cfg),
@@ -279,31 +284,33 @@ class Trainer:
         }
 
     def _tokenizer_bytes(self):
-        path = os.path.join(self.data, self.manifest["tokenizer"]["path"])
+        path = tokenizer_path(self.data, self.manifest)
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 return f.read()
         return None
 
     def save(self):
+        """Write ckpt_<step>.pt and keep the newest keep_checkpoints (by step number)."""
         if not self.master:
             return None
-        path = os.path.join(self.out, f"ckpt_{self.step:06d}.pt")
-        save_atomic(self.state_dict(), path)
-        for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
+        path = checkpoint_path(self.out, self.step)
+        save_checkpoint(self.state_dict(), path)
+        for old in run_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
             os.remove(old)
         return path
 
     def resume(self):
-        found = checkpoints(self.out)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint (ckpt_*.pt) in {self.out}")
-        state = torch.load(found[-1], map_location="cpu", weights_only=False)
+        """Continue from the newest intact checkpoint of the run folder."""
+        state, skipped = load_training_state(self.out)
+        for path, why in skipped:
+            self._print(f"skipped {path}: {why}")
         saved = ModelConfig.from_dict(state["model_config"])
         if saved != self.model_cfg:
             diff = [f"{k} {getattr(saved, k)} vs {getattr(self.model_cfg, k)}"
                     for k in saved.to_dict() if getattr(saved, k) != getattr(self.model_cfg, k)]
-            raise ValueError(f"{found[-1]} is for another model shape (checkpoint vs this run: {', '.join(diff)})")
+            raise ValueError(f"the checkpoints in {self.out} are for another model shape (checkpoint vs this run: "
+                             f"{', '.join(diff)})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -312,25 +319,31 @@ class Trainer:
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self._trim_metrics()
-        self._print(f"resumed from {found[-1]} at step {self.step}")
+        self._print(f"resumed from {checkpoint_path(self.out, self.step)} at step {self.step}")
 
     def _trim_metrics(self):
-        """Drop log lines a crashed run wrote after its last checkpoint."""
+        """Drop log lines a crashed run wrote after its last checkpoint, and a last line torn
+        by a crash or a full disk."""
         path = os.path.join(self.out, "metrics.jsonl")
         if not self.master or not os.path.exists(path):
             return
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn: the run stopped while writing it
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.step:
+                    kept.append(json.dumps(record) + "\n")
         with open(path, "w") as f:
-            f.writelines(lines)
+            f.writelines(kept)
 
     # ------------------------------------------------------------ steps
 
     def _print(self, message):
         if self.master and not self.quiet:
-            from tqdm.auto import tqdm
-
-            tqdm.write(message)
+            print(message, flush=True)
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm) as floats."""
@@ -393,11 +406,9 @@ class Trainer:
         if self.master:
             os.makedirs(self.out, exist_ok=True)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        from tqdm.auto import tqdm
-
         metrics_path = os.path.join(self.out, "metrics.jsonl")
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not self.master or self.quiet or None)
+        self.progress = Progress(cfg.max_steps, "train", "step", initial=self.step, enabled=self.master and not self.quiet,
+                                 stream=sys.stdout)
         losses = []
         try:
             if self.device.type == "cuda":
@@ -407,19 +418,20 @@ class Trainer:
                 loss, norm = self.train_step()
                 losses.append(loss)
                 window_steps += 1
-                bar.update(1)
+                self.progress.update(lambda: f"loss {sum(losses) / len(losses):.4f}  "
+                                   f"{format_rate(window_steps * self.tokens_per_step / (time.perf_counter() - window_start))} tok/s")
                 last = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_steps * self.tokens_per_step / elapsed
-                    mfu = tokens_per_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
                     record = {"step": self.step, "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                              "grad_norm": norm, "tokens_per_s": tokens_per_s,
+                              "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
                               "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
                               if self.device.type == "cuda" else None, "skipped_steps": self.skipped_steps}
                     if self.step % cfg.eval_every == 0 or last:
                         record["val_loss"] = self.evaluate()
-                    self._log(record, metrics_path, bar)
+                    self._log(record, metrics_path)
                     losses = []
                 if self.step % cfg.ckpt_every == 0 or last:
                     self.save()
@@ -434,26 +446,31 @@ class Trainer:
                       file=sys.stderr)
             raise
         finally:
-            bar.close()
+            self.progress.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-            self.train_loader.close()
-            self.val_loader.close()
+            self.close()
         if self.master:
             plot_losses(metrics_path, os.path.join(self.out, "loss.png"))
 
-    def _log(self, record, path, bar):
+    def close(self):
+        """Stop the loaders and release the run folder."""
+        self.train_loader.close()
+        self.val_loader.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _log(self, record, path):
         if not self.master:
             return
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}", mfu=mfu)
         line = f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  " \
-               f"{record['tokens_per_s']:.3g} tok/s  MFU {mfu}"
+               f"{format_rate(record['tokens_per_s'])} tok/s  MFU {mfu}"
         if "val_loss" in record:
             line += f"  val {record['val_loss']:.4f}"
-        self._print(line)
+        self.progress.write(line)
 
 
 def plot_losses(metrics_path, png_path):

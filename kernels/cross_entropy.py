@@ -147,7 +147,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_loss_options(target, n_rows, ignore_index, reduction, label_smoothing, z_loss):
+def check_loss_options(target, n_rows, ignore_index, reduction, label_smoothing, z_loss, n_classes):
+    if n_classes == 0:
+        raise ValueError("logits: expected at least one class (V > 0); got V = 0")
     if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
         got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
         raise TypeError(f"target: expected an int64 (or int32) tensor of class indices; got {got}")
@@ -195,7 +197,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits: expected 2 dims [N, V]; got shape {tuple(logits.shape)}")
-    check_loss_options(target, logits.shape[0], ignore_index, reduction, label_smoothing, z_loss)
+    check_loss_options(target, logits.shape[0], ignore_index, reduction, label_smoothing, z_loss, logits.shape[1])
     check_device(logits=logits, target=target)
     if inplace_backward and logits.stride(-1) != 1:
         raise ValueError("logits: inplace_backward needs a contiguous last dimension; got stride "

@@ -107,7 +107,7 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight: expected shape (V, {hidden.shape[1]}) to match hidden's D; "
                          f"got {tuple(weight.shape)}")
-    check_loss_options(target, hidden.shape[0], ignore_index, reduction, label_smoothing, z_loss)
+    check_loss_options(target, hidden.shape[0], ignore_index, reduction, label_smoothing, z_loss, weight.shape[0])
     check_device(hidden=hidden, weight=weight, target=target)
     n, d = hidden.shape
     v = weight.shape[0]

@@ -5,12 +5,11 @@ import dataclasses
 import json
 import os
 import struct
-import subprocess
 
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err, run_cli
 from tinyfuse.engine import data
 from tinyfuse.engine.checkpoint import CheckpointError, Weights, export, load_checkpoint
 from tinyfuse.engine.model import ModelConfig, Transformer
@@ -84,10 +83,6 @@ class NumpyLlama2c:
                 break
             out.append(nxt); token = nxt
         return out
-
-
-def run_cli(*args):
-    return subprocess.run(["tinyfuse", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
@@ -359,7 +354,9 @@ def test_finetune_from_llama2c_and_export_back(stories260k, tok512, shared_data,
     settings = dict(init_from=stories260k, data=prepared, out=out, device="cpu", batch_size=8, seq_len=256,
                     max_steps=40, lr=5e-4, min_lr=5e-5, warmup_steps=5, log_every=1, eval_every=10, eval_batches=4,
                     ckpt_every=40, sample_tokens=0)
-    start_val = Trainer(TrainConfig(**settings), quiet=True).evaluate()
+    trainer = Trainer(TrainConfig(**settings), quiet=True)
+    start_val = trainer.evaluate()
+    trainer.close()  # a live trainer holds the run folder
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     result = run_cli("train", *flags)
     assert result.returncode == 0, result.stderr

@@ -2,7 +2,7 @@
 tests use aot_eager on CPU to stay fast; see conftest)."""
 import torch
 
-from conftest import DEVICE, as_float64_leaf, leaf, rel_err
+from helpers import DEVICE, as_float64_leaf, leaf, rel_err
 from tinyfuse.kernels import add_rms_norm, reference, rope, rope_tables, swiglu
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, rel_err
+from helpers import COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, rel_err
 from tinyfuse.kernels import CrossEntropyLoss, cross_entropy, reference
 
 

@@ -1,22 +1,16 @@
 """`tinyfuse prepare`: sources, tokenizer, shards, manifest, --verify, and the download path."""
 import hashlib
-import http.server
 import io
 import json
 import os
 import re
-import subprocess
 import tarfile
-import threading
 
 import numpy as np
 import pytest
 
-from tinyfuse.engine import data, synthetic
-
-
-def run_cli(*args):
-    return subprocess.run(["tinyfuse", *args], capture_output=True, text=True)
+from helpers import local_hub, run_cli
+from tinyfuse.engine import data, shards, synthetic
 
 
 def test_synthetic_stories_are_deterministic_simple_stories():
@@ -90,7 +84,7 @@ def test_synthetic_prepare_is_byte_identical_and_verifies(tmp_path):
 def test_verify_catches_corruption(tmp_path):
     out = tmp_path / "p"
     data.prepare("synthetic", str(out), vocab_size=400, stories=300, quiet=True)
-    assert data.verify(str(out)) == []
+    assert shards.verify(str(out)) == []
     shard = out / "train_000.bin"
     tokens = np.fromfile(shard, dtype="<u2")
     tokens[5] = 400  # one token beyond the vocabulary
@@ -98,11 +92,11 @@ def test_verify_catches_corruption(tmp_path):
     result = run_cli("prepare", "--verify", str(out))
     assert result.returncode == 1 and "token 400 is not below the vocabulary size 400" in result.stderr
     tokens[:-1].tofile(shard)  # truncated
-    assert any("bytes, expected" in p for p in data.verify(str(out)))
+    assert any("bytes, expected" in p for p in shards.verify(str(out)))
     (out / "tokenizer.model").write_bytes(b"junk")
-    assert any("sha256" in p for p in data.verify(str(out)))
+    assert any("sha256" in p for p in shards.verify(str(out)))
     os.remove(out / "manifest.json")
-    assert "tinyfuse prepare" in data.verify(str(out))[0]
+    assert "tinyfuse prepare" in shards.verify(str(out))[0]
 
 
 def test_path_sources_json_folder_and_blank_lines(tmp_path):
@@ -134,51 +128,10 @@ def test_prepare_bad_input(tmp_path):
         data.prepare("synthetic", str(tmp_path / "o"), tokenizer=str(junk), stories=10)
 
 
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves files from `self.server.files` with Range support and a sha256 ETag."""
-
-    def log_message(self, *args):
-        pass
-
-    def _file(self):
-        name = self.path.rsplit("/", 1)[-1]
-        return self.server.files.get(name)
-
-    def _headers(self, body, status, start=0):
-        self.send_response(status)
-        self.send_header("ETag", f'"{self.server.etags.get(self.path.rsplit("/", 1)[-1], hashlib.sha256(body).hexdigest())}"')
-        self.send_header("Content-Length", str(len(body) - start))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.end_headers()
-
-    def do_HEAD(self):
-        body = self._file()
-        if body is None:
-            self.send_error(404)
-            return
-        self._headers(body, 200)
-
-    def do_GET(self):
-        body = self._file()
-        if body is None:
-            self.send_error(404)
-            return
-        match = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        start = int(match.group(1)) if match else 0
-        self.server.ranges.append(start)
-        self._headers(body, 206 if match else 200, start)
-        self.wfile.write(body[start:])
-
-
 @pytest.fixture
 def hub():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    server.files, server.etags, server.ranges = {}, {}, []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}/datasets/roneneldan/TinyStories/resolve/main"
-    server.shutdown()
+    with local_hub() as served:
+        yield served
 
 
 def test_download_resumes_and_checks_sha256(tmp_path, hub):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from tinyfuse.bench.loader import LOADERS, SHAPES, make_corpus
 from tinyfuse.engine.loader import ReferenceLoader, TokenLoader
+from tinyfuse.engine.shards import write_manifest
 
 
 def make_prepared(folder, split_counts, dtype="uint16", vocab=None, tokens=None):
@@ -25,10 +27,7 @@ def make_prepared(folder, split_counts, dtype="uint16", vocab=None, tokens=None)
             np.asarray(values, dtype=np.dtype(dtype).newbyteorder("<")).tofile(os.path.join(folder, name))
             shards.append({"file": name, "split": split, "tokens": n, "stories": 1})
             start += n
-    manifest = {"format": "tinyfuse-shards/1", "tokenizer": {"path": "tokenizer.model", "source": "test", "sha256": ""},
-                "vocab_size": vocab, "bos_id": 1, "eos_id": 2, "dtype": dtype, "shards": shards}
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    write_manifest(str(folder), shards, vocab, 1, 2, "test", tokenizer=None)
     return str(folder)
 
 
@@ -200,3 +199,20 @@ def test_cuda_batches_match_the_cpu_ones(tmp_path):
         for _ in range(300):
             (gx, gy), (cx, cy) = next(gpu), next(cpu)
             assert gx.is_cuda and torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
+
+
+@pytest.fixture(scope="module")
+def throughput_corpus(tmp_path_factory):
+    return make_corpus(str(tmp_path_factory.mktemp("loader-corpus")))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", list(LOADERS))
+def test_loader_throughput(benchmark, throughput_corpus, impl, shape):
+    batch_size, seq_len = shape
+    loader = LOADERS[impl](throughput_corpus, batch_size=batch_size, seq_len=seq_len, seed=0)
+    for _ in range(20):
+        next(loader)
+    benchmark.pedantic(next, args=(loader,), rounds=300, iterations=1, warmup_rounds=10)
+    benchmark.extra_info["tokens_per_s"] = batch_size * seq_len / benchmark.stats.stats.median
+    loader.close()

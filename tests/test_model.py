@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from conftest import rel_err
+from helpers import TINY_MODEL, rel_err
 from tinyfuse.engine.model import PRESETS, ModelConfig, Transformer, preset
 
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=8, max_seq_len=24)
+TINY = {**TINY_MODEL, "vocab_size": 96, "max_seq_len": 24}
 
 
 def test_presets_match_llama2c():

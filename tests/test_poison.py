@@ -1,6 +1,6 @@
 import torch
 
-from conftest import DEVICE, rel_err
+from helpers import DEVICE, rel_err
 
 
 def test_uninitialized_memory_is_poisoned():

@@ -1,0 +1,118 @@
+"""What the tests share: the device, tolerances and error measure of the kernel tests, fresh
+random inputs, the tiny model shapes, and running the `tinyfuse` command.
+
+Importing this module switches Triton's interpreter on when there is no CUDA (before
+triton is imported), exactly as conftest.py does first.
+"""
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import torch
+
+from tinyfuse.engine.runtime import select_backend
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    assert "triton" not in sys.modules, "triton was imported before the tests could enable its interpreter"
+    select_backend()
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+# Inductor on CPU spends ~30 s compiling C++ per graph; aot_eager runs the same
+# dynamo tracing, fake-tensor propagation and AOT autograd that our torch.library
+# registrations must survive. test_compile.py runs full inductor once on CPU too.
+COMPILE_BACKEND = "inductor" if CUDA else "aot_eager"
+
+# Relative-norm error bounds against a float64 reference: a bound on the output
+# rounding of each dtype (2^-24, 2^-11, 2^-8 unit roundoff) with headroom.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+# A model small enough for the interpreter and a CPU step in milliseconds; GQA (4 heads, 2 kv).
+TINY_MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 8, "max_seq_len": 64}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output has NaN or inf: an element was left unwritten or overflowed"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def leaf(shape, dtype, scale=1.0):
+    """Fresh random input that requires grad (a new draw every test run)."""
+    return (torch.randn(shape, device=DEVICE, dtype=torch.float32) * scale).to(dtype).requires_grad_()
+
+
+def as_float64_leaf(t):
+    return t.detach().double().requires_grad_()
+
+
+def run_cli(*args, env=None, timeout=600, **kwargs):
+    """`tinyfuse ARGS...` as a user runs it: a new process, its output captured."""
+    return subprocess.run(["tinyfuse", *args], capture_output=True, text=True, env=env, timeout=timeout, **kwargs)
+
+
+def metrics(out):
+    """The records of a run folder's metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files from `self.server.files` with Range support and a sha256 ETag."""
+
+    def log_message(self, *args):
+        pass
+
+    def _file(self):
+        name = self.path.rsplit("/", 1)[-1]
+        return self.server.files.get(name)
+
+    def _headers(self, body, status, start=0):
+        self.send_response(status)
+        self.send_header("ETag", f'"{self.server.etags.get(self.path.rsplit("/", 1)[-1], hashlib.sha256(body).hexdigest())}"')
+        self.send_header("Content-Length", str(len(body) - start))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.end_headers()
+
+    def do_HEAD(self):
+        body = self._file()
+        if body is None:
+            self.send_error(404)
+            return
+        self._headers(body, 200)
+
+    def do_GET(self):
+        body = self._file()
+        if body is None:
+            self.send_error(404)
+            return
+        match = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        start = int(match.group(1)) if match else 0
+        self.server.ranges.append(start)
+        self._headers(body, 206 if match else 200, start)
+        self.wfile.write(body[start:])
+
+
+@contextlib.contextmanager
+def local_hub():
+    """A Hugging Face-like file server on loopback: (server, base URL of TinyStories' files);
+    put bytes in server.files[name]."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server.files, server.etags, server.ranges = {}, {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}/datasets/roneneldan/TinyStories/resolve/main"
+    finally:
+        server.shutdown()

@@ -1,0 +1,380 @@
+"""Hostile and unlucky input: checkpoints that would run code, data that must never be lost,
+paths that leave their folder, headers that ask for too much, damaged runs, two runs in one
+folder, a loader closed under a reader, and inputs that used to end in a raw traceback."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_MODEL, metrics, run_cli
+from tinyfuse.engine import data
+from tinyfuse.engine.checkpoint import (NATIVE_KIND, CheckpointError, load_checkpoint, load_training_state,
+                                        run_checkpoints)
+from tinyfuse.engine.files import FileError, FolderLock
+from tinyfuse.engine.loader import TokenLoader
+from tinyfuse.engine.shards import DataError, read_manifest, split_shards
+from tinyfuse.engine.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("safety") / "data"
+    data.prepare("synthetic", str(out), vocab_size=400, stories=1500, quiet=True)
+    return str(out)
+
+
+def config(prepared, out, **changes):
+    values = dict(preset="stories260K", model=dict(TINY_MODEL), data=prepared, out=str(out), batch_size=2, seq_len=16,
+                  max_steps=4, log_every=1, eval_every=4, eval_batches=1, ckpt_every=2, keep_checkpoints=3,
+                  device="cpu", sample_tokens=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def run(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    Trainer(config(prepared, out), quiet=True).fit()
+    return str(out)
+
+
+class RunsCode:
+    """An object whose unpickling runs a shell command (it touches a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------- 1. loading never runs code
+
+@pytest.mark.parametrize("kind", ["tinyfuse", "llama2c-pt", "legacy-pickle", "zip-named-bin"])
+def test_a_checkpoint_with_code_is_refused_and_runs_nothing(run, tmp_path, kind):
+    marker = tmp_path / "ran"
+    state = torch.load(run_checkpoints(run)[-1], weights_only=True)
+    if kind == "llama2c-pt":
+        state = {"model_args": {"dim": 32}, "model": {}, "extra": RunsCode(marker)}
+    else:
+        state["extra"] = RunsCode(marker)
+    path = tmp_path / ("model.bin" if kind == "zip-named-bin" else "model.pt")
+    torch.save(state, path, _use_new_zipfile_serialization=kind != "legacy-pickle")
+    with pytest.raises(CheckpointError, match="refused.*could run code.*posix.system|refused.*could run code"):
+        load_checkpoint(str(path))
+    assert not marker.exists(), "loading ran the file's code"
+    for command in (["sample", "--checkpoint", str(path)], ["export", "--checkpoint", str(path), "--format", "hf",
+                                                             "--out", str(tmp_path / "hf")]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and "refused" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not marker.exists()
+
+
+def test_resume_refuses_code_too(run, prepared, tmp_path):
+    out = tmp_path / "r"
+    shutil.copytree(run, out)
+    newest = run_checkpoints(str(out))[-1]
+    state = torch.load(newest, weights_only=True)
+    state["extra"] = RunsCode(tmp_path / "ran")
+    torch.save(state, newest)
+    trainer = Trainer(config(prepared, out), quiet=True)
+    trainer.resume()  # falls back to the intact checkpoint before it
+    trainer.close()
+    assert trainer.step == 2 and not (tmp_path / "ran").exists()
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(run):
+    state = torch.load(run_checkpoints(run)[-1], weights_only=True)  # would raise on anything else
+    assert state["kind"] == NATIVE_KIND and isinstance(state["tokenizer"], bytes)
+    assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+
+
+# ---------------------------------------------------------------- 2. prepare never deletes what it did not write
+
+def test_prepare_refuses_a_folder_with_other_files_and_keeps_them(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "stories260K.bin").write_bytes(b"precious")
+    result = run_cli("prepare", "--out", str(out), "--stories", "300")
+    assert result.returncode == 1 and "not a tinyfuse dataset" in result.stderr and "--force" in result.stderr
+    assert (out / "stories260K.bin").read_bytes() == b"precious"
+    assert run_cli("prepare", "--out", str(out), "--stories", "300", "--force").returncode == 0
+    assert (out / "stories260K.bin").read_bytes() == b"precious" and (out / "manifest.json").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == [], "no temporary folder left behind"
+
+
+@pytest.mark.parametrize("bad", [["--tokenizer", "missing.model"], ["--vocab-size", "100000000"],
+                                 ["--source", "no-such-file.txt"]])
+def test_a_failed_rerun_leaves_the_dataset_intact(tmp_path, bad):
+    out = tmp_path / "d"
+    data.prepare("synthetic", str(out), vocab_size=400, stories=300, quiet=True)
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    result = run_cli("prepare", "--out", str(out), "--stories", "300", *bad)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_rerun_replaces_only_the_old_datasets_files(tmp_path):
+    out = tmp_path / "d"
+    data.prepare("synthetic", str(out), vocab_size=400, stories=600, quiet=True, shard_tokens=20000)
+    assert len([p for p in os.listdir(out) if p.startswith("train_")]) > 1
+    data.prepare("synthetic", str(out), vocab_size=400, stories=300, quiet=True)
+    assert sorted(os.listdir(out)) == ["manifest.json", "tokenizer.model", "train_000.bin", "val_000.bin"]
+
+
+# ---------------------------------------------------------------- 3. manifest paths stay inside
+
+@pytest.mark.parametrize("entry", ["shard", "tokenizer"])
+@pytest.mark.parametrize("target", ["../../secret/creds.txt", "ABSOLUTE", "link"])
+def test_manifest_paths_cannot_leave_the_folder(prepared, tmp_path, entry, target):
+    secret = tmp_path / "secret" / "creds.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"password")
+    folder = tmp_path / "a" / "b"
+    shutil.copytree(prepared, folder)
+    if target == "ABSOLUTE":
+        target = str(secret)
+    elif target == "link":
+        os.symlink(secret, folder / "link")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if entry == "shard":
+        manifest["shards"][0]["file"] = target
+        where = "shards[0].file"
+    else:
+        manifest["tokenizer"]["path"] = target
+        where = "tokenizer.path"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"{where.replace('[', '.').replace(']', '.')}.*(outside|relative path)"):
+        read_manifest(str(folder))
+
+
+# ---------------------------------------------------------------- 4. headers cannot ask for too much
+
+@pytest.mark.parametrize("n_layers", [10 ** 7, 2 ** 31 - 1, 1000])
+def test_a_tiny_v0_file_with_a_huge_header_fails_fast(tmp_path, n_layers):
+    path = tmp_path / "evil.bin"
+    path.write_bytes(struct.pack("<7i", 64, 172, n_layers, 8, 4, 512, 512))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="limit|truncated"):
+        load_checkpoint(str(path))
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("change", [{"num_hidden_layers": 10 ** 7}, {"num_hidden_layers": 2 ** 31 - 1},
+                                    {"max_position_embeddings": 10 ** 9}, {"num_hidden_layers": 3},
+                                    {"num_attention_heads": 0}, {"num_attention_heads": None}])
+def test_a_hf_config_that_does_not_match_its_weights_fails_fast(run, tmp_path, change):
+    folder = tmp_path / "hf"
+    assert run_cli("export", "--checkpoint", run_checkpoints(run)[-1], "--format", "hf", "--out",
+                   str(folder)).returncode == 0
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            del config[key]
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(folder))
+    assert time.perf_counter() - start < 5
+    result = run_cli("sample", "--checkpoint", str(folder))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_kv_cache_is_sized_by_the_tokens_asked_for(run):
+    weights = load_checkpoint(run_checkpoints(run)[-1])
+    from tinyfuse.engine.model import Transformer
+
+    model = Transformer(weights.config)
+    caches = model.new_cache(1, "cpu", torch.float32, 10)
+    assert caches[0][0].shape[1] == 10
+    model.config.max_seq_len = 1 << 20  # a long context costs nothing until it is used
+    model.forward_cached(torch.tensor([[1, 2, 3]]), caches, 0)
+    assert model._rope[0].shape[0] == 256
+
+
+# ---------------------------------------------------------------- 5. rotation by step number
+
+def test_rotation_orders_checkpoints_by_step(prepared, tmp_path):
+    trainer = Trainer(config(prepared, tmp_path, keep_checkpoints=2), quiet=True)
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        trainer.step = step
+        trainer.save()
+    trainer.close()
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt_1000000.pt", "ckpt_1000001.pt"]
+    assert [os.path.basename(p) for p in run_checkpoints(str(tmp_path))] == ["ckpt_1000000.pt", "ckpt_1000001.pt"]
+
+
+# ---------------------------------------------------------------- 6. resume survives damage
+
+def test_resume_skips_a_damaged_newest_checkpoint(run, prepared, tmp_path):
+    out = tmp_path / "r"
+    shutil.copytree(run, out)
+    newest = run_checkpoints(str(out))[-1]
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    state, skipped = load_training_state(str(out))
+    assert state["step"] == 2 and skipped and skipped[0][0] == newest and "damaged" in skipped[0][1]
+    result = run_cli("train", "--data", prepared, "--out", str(out), "--resume", "--device", "cpu",
+                     *flags(max_steps=6))
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {newest}" in result.stdout and metrics(out)[-1]["step"] == 6
+
+
+def flags(**values):
+    base = dict(batch_size=2, seq_len=16, max_steps=4, log_every=1, eval_every=4, eval_batches=1, ckpt_every=2,
+                sample_tokens=0, **{k: v for k, v in TINY_MODEL.items()})
+    base.update(values)
+    return [x for k, v in base.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_resume_drops_a_torn_metrics_line(run, prepared, tmp_path):
+    out = tmp_path / "r"
+    shutil.copytree(run, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # the disk filled mid-line
+    trainer = Trainer(config(prepared, out, max_steps=6), quiet=True)
+    trainer.resume()
+    trainer.fit()
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(run, prepared, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    shutil.copytree(run, out)
+    trainer = Trainer(config(prepared, out, max_steps=6), quiet=True)
+    trainer.resume()
+    before = run_checkpoints(str(out))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous"):
+        trainer.fit()
+    assert run_checkpoints(str(out)) == before and not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- 7. one run per folder
+
+def test_a_second_run_into_the_same_folder_is_refused(prepared, tmp_path):
+    lock = FolderLock(str(tmp_path))
+    with pytest.raises(FileError, match=f"PID {os.getpid()}"):
+        FolderLock(str(tmp_path))
+    code = f"from tinyfuse.engine.files import FolderLock; FolderLock({str(tmp_path)!r})"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert other.returncode != 0 and f"PID {os.getpid()}" in other.stderr
+    result = run_cli("train", "--data", prepared, "--out", str(tmp_path), "--device", "cpu", *flags())
+    assert result.returncode == 2 and f"another process (PID {os.getpid()})" in result.stderr
+    lock.release()
+    assert run_cli("train", "--data", prepared, "--out", str(tmp_path), "--device", "cpu", *flags()).returncode == 0
+
+
+# ---------------------------------------------------------------- 8. the loader closed under a reader
+
+def test_close_while_another_thread_waits_in_next(prepared):
+    for _ in range(20):
+        loader = TokenLoader(prepared, batch_size=2, seq_len=16, prefetch=2, workers=1)
+        loader._impl.release(loader._impl.acquire())  # keep the ring busy
+        errors = []
+
+        def read():
+            try:
+                while True:
+                    next(loader)
+            except RuntimeError as e:
+                errors.append(str(e))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.01)
+        loader.close()
+        reader.join(timeout=10)
+        assert not reader.is_alive(), "next() stayed blocked after close()"
+        assert errors and "closed" in errors[0]
+        with pytest.raises(RuntimeError, match="closed"):
+            next(loader)
+
+
+# ---------------------------------------------------------------- 9. one line instead of a traceback
+
+@pytest.mark.parametrize("toml, message", [
+    ("[model]\nwidth = 3\n", "unknown model settings: width"),
+    ("model = 5\n", "model settings must be a table"),
+    ("batch_size = true\n", "training setting batch_size must be a int"),
+    ("lr = 'fast'\n", "training setting lr must be a float"),
+    ("lr = nan\n", "lr must be a finite number"),
+])
+def test_bad_toml_values(prepared, tmp_path, toml, message):
+    (tmp_path / "run.toml").write_text(toml)
+    result = run_cli("train", "--config", str(tmp_path / "run.toml"), "--data", prepared, "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--norm-eps", "nan"], "norm_eps must be a positive finite number"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_bad_flags(prepared, tmp_path, args, message):
+    if args[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cli("train", "--data", prepared, "--out", str(tmp_path / "o"), *args)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: [1, 2], "expected a JSON object"),
+    (lambda m: {**m, "shards": [{"split": "train", "tokens": 3}]}, "shards[0] must be an object with a 'file'"),
+    (lambda m: {**m, "vocab_size": 100}, "not below the vocabulary size 100"),
+])
+def test_bad_manifests(prepared, tmp_path, edit, message):
+    folder = tmp_path / "d"
+    shutil.copytree(prepared, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(edit(manifest)))
+    result = run_cli("train", "--data", str(folder), "--out", str(tmp_path / "o"), "--device", "cpu", *flags())
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_non_utf8_source_names_the_byte(tmp_path):
+    source = tmp_path / "stories.txt"
+    source.write_bytes("Once upon a time.\n\nA cat sat.".encode() + b"\xff\xfe rest")
+    result = run_cli("prepare", "--source", str(source), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1 and "not UTF-8" in result.stderr and "offset 29" in result.stderr, result.stderr
+
+
+def test_cross_entropy_with_no_classes():
+    from tinyfuse.kernels import cross_entropy
+
+    with pytest.raises(ValueError, match="at least one class"):
+        cross_entropy(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- 10. fine-tuning with another tokenizer
+
+def test_init_from_with_another_tokenizer_is_refused(run, tmp_path):
+    other = tmp_path / "other"
+    data.prepare("synthetic", str(other), vocab_size=400, stories=1500, seed=5, quiet=True)
+    ckpt = run_checkpoints(run)[-1]
+    base = ["train", "--init-from", ckpt, "--data", str(other), "--device", "cpu"]
+    small = ["--batch-size", "2", "--seq-len", "16", "--max-steps", "2", "--sample-tokens", "0"]
+    result = run_cli(*base, "--out", str(tmp_path / "a"), *small)
+    assert result.returncode == 2 and "another tokenizer" in result.stderr and "--allow-tokenizer-mismatch" in result.stderr
+    result = run_cli(*base, "--out", str(tmp_path / "b"), *small, "--allow-tokenizer-mismatch")
+    assert result.returncode == 0, result.stderr
+
+
+def test_split_shards_checks_every_entry(prepared):
+    paths, counts = split_shards(prepared, "train")
+    assert all(os.path.dirname(p) == os.path.realpath(prepared) for p in paths) and sum(counts) > 0
+    assert np.fromfile(paths[0], dtype="<u2").size == counts[0]
