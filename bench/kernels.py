@@ -154,23 +154,14 @@ def _speedups(rows):
                           if r["impl"] != "tinyfuse" and r["pass"] == row["pass"] and r.get("ms")}
 
 
-def op_modules():
-    from . import cross_entropy, rms_norm, rope, swiglu
-
-    return [rms_norm, rope, swiglu, cross_entropy]
-
-
-def all_ops():
-    return [op for module in op_modules() for op in module.OPS]
-
-
-def run(device, smoke=False, ops=None, copy_bw=None, progress=print):
-    """Rows for every op (or those named in ops) over its cases and implementations."""
+def run(device, modules, smoke=False, ops=None, copy_bw=None, progress=print):
+    """Rows for every op of the op scripts `modules` (or those named in ops) over its cases
+    and implementations. The op scripts use this harness; the suite lists them."""
     dtype = torch.bfloat16
     backend = "inductor" if torch.device(device).type == "cuda" else "aot_eager"
     copy_bw = copy_bw or copy_gbps(device, smoke)
     rows = []
-    for module in op_modules():
+    for module in modules:
         for op in module.OPS:
             if ops and op not in ops:
                 continue
@@ -188,7 +179,7 @@ def main_for(module, argv=None):
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     copy_bw = copy_gbps(device, args.smoke)
-    rows = run(device, args.smoke, ops=module.OPS, copy_bw=copy_bw, progress=lambda m: None)
+    rows = run(device, [module], args.smoke, copy_bw=copy_bw, progress=lambda m: None)
     from .report import kernel_table
 
     print(kernel_table(rows))

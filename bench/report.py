@@ -8,10 +8,15 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
-def kernel_table(rows):
+def on_gpu(results):
+    return results["env"].get("device_count", 0) >= 1 and not results["env"]["device"].startswith("CPU")
+
+
+def kernel_table(rows, gpu=True):
     """One line per op, pass and shape: tinyfuse's time, GB/s (TFLOP/s for the linear
     cross-entropy) and % of copy bandwidth, each baseline's time, tinyfuse's speed-up over
-    it, and peak memory."""
+    it, and peak memory. Without a GPU the rate and bandwidth columns are left out: the
+    interpreter's times say nothing about them."""
     keys = []
     for r in rows:
         key = (r["op"], r["group"], tuple(r["shape"]), r["pass"])
@@ -42,21 +47,26 @@ def kernel_table(rows):
                      f"{_fmt(ours.get('pct_bw'), '.0f')} | {ms('torch')} | {ms('torch.compile')} | {ms('liger')} | "
                      f"{_fmt(speed.get('torch'), '.2f')} | {_fmt(speed.get('torch.compile'), '.2f')} | "
                      f"{_fmt(speed.get('liger'), '.2f')} | {mem} |")
+    if not gpu:  # drop "GB/s" and "% bw"
+        lines = ["|".join(c for i, c in enumerate(line.split("|")) if i not in (5, 6)) for line in lines]
+        lines[1] = "|" + "---|" * 11
     return "\n".join(lines)
 
 
 def step_table(rows):
-    lines = ["| preset | kernels | compile | tokens/s | MFU | peak GB | step ms | data | forward | backward | optimizer |",
-             "|" + "---|" * 11]
+    """The breakdown comes from separate steps synchronised between phases; "sum" is the
+    phases' total over the whole-step median (above 100%: the synchronisations' own cost)."""
+    lines = ["| preset | kernels | compile | tokens/s | MFU | peak GB | step ms | data | forward | backward | optimizer "
+             "| sum |", "|" + "---|" * 12]
     for r in rows:
         if r.get("tokens_per_s") is None:
-            lines.append(f"| {r['preset']} | {r['kernels']} | {r['compile']} | error: {r.get('error', '')} |||||||")
+            lines.append(f"| {r['preset']} | {r['kernels']} | {r['compile']} | error: {r.get('error', '')} ||||||||")
             continue
         b = r["breakdown"]
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         lines.append(f"| {r['preset']} | {r['kernels']} | {r['compile']} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {r['step_ms']:.2f} | {b['data']:.2f} | {b['forward']:.2f} | "
-                     f"{b['backward']:.2f} | {b['optimizer']:.2f} |")
+                     f"{b['backward']:.2f} | {b['optimizer']:.2f} | {100 * sum(b.values()) / r['step_ms']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -80,10 +90,14 @@ def markdown(results):
         parts.append(f"- {note}")
     if results.get("notes"):
         parts.append("")
+    gpu = on_gpu(results)
     if results.get("kernels"):
-        parts += ["## Kernels", "", "Median ms (CUDA events, L2 flushed); GB/s from each op's byte model "
-                  "(bench/<op>.py); % of the copy bandwidth above; × = the baseline's time over tinyfuse's.", "",
-                  kernel_table(results["kernels"]), ""]
+        how = ("Median ms (CUDA events, L2 flushed); GB/s from each op's byte model (bench/<op>.py); % of the copy "
+               "bandwidth above; × = the baseline's time over tinyfuse's." if gpu else
+               "Median ms on the CPU: tinyfuse's kernels in Triton's interpreter, the baselines in eager PyTorch and "
+               "torch.compile's aot_eager backend. These times check that every path runs; they are no measure of "
+               "speed, so no bandwidth is derived from them (`tinyfuse bench --static` estimates the GPU).")
+        parts += ["## Kernels", "", how, "", kernel_table(results["kernels"], gpu), ""]
     if results.get("step"):
         parts += ["## Training step", "", "16,384 tokens a step (smoke: 16); breakdown in ms, medians of "
                   "synchronised steps.", "", step_table(results["step"]), ""]
@@ -119,7 +133,8 @@ def plots(results, out_dir):
             for ax in axes:
                 ax.axhline(results["env"]["copy_gbps"], color="grey", ls="--", lw=1)
         axes[0].legend()
-        fig.suptitle(results["env"]["device"])
+        fig.suptitle(results["env"]["device"] + ("" if on_gpu(results) else
+                                                  " — Triton interpreter times: a code-path check, not speed"))
         fig.tight_layout()
         path = os.path.join(out_dir, f"kernels_{op}.png")
         fig.savefig(path, dpi=90)
@@ -139,7 +154,8 @@ def plots(results, out_dir):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(presets))], presets)
         ax.set_yscale("log")
         ax.set_ylabel("tokens/s")
-        ax.set_title(f"training step — {results['env']['device']}")
+        ax.set_title(f"training step — {results['env']['device']}"
+                     + ("" if on_gpu(results) else " (CPU, interpreter: not speed)"))
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()

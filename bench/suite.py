@@ -1,24 +1,34 @@
 """`tinyfuse bench`: kernels, training step and loader measured in one run, written as
 results.json, results.md and plots; `tinyfuse bench compare OLD.json NEW.json`."""
 import json
+import os
 import sys
 import time
 
 import torch
 
-from . import kernels, loader, report, step
+from . import cross_entropy, kernels, loader, report, rms_norm, rope, step, swiglu
 from .timing import copy_gbps, environment
 
 SECTIONS = ("kernels", "step", "loader")
+
+
+def op_modules():
+    """The op scripts, each with its OPS, cases and implementations."""
+    return [rms_norm, rope, swiglu, cross_entropy]
+
+
+def all_ops():
+    return [op for module in op_modules() for op in module.OPS]
 
 
 def run(smoke=False, only=None, ops=None, out_dir="bench-results", progress=None):
     """Measure the sections asked for and write the results into out_dir."""
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     if ops:
-        unknown = set(ops) - set(kernels.all_ops())
+        unknown = set(ops) - set(all_ops())
         if unknown:
-            raise ValueError(f"unknown ops {sorted(unknown)}; ops: {', '.join(kernels.all_ops())}")
+            raise ValueError(f"unknown ops {sorted(unknown)}; ops: {', '.join(all_ops())}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     bandwidth = copy_gbps(device, smoke)
@@ -32,12 +42,21 @@ def run(smoke=False, only=None, ops=None, out_dir="bench-results", progress=None
             "not installed (pip install liger-kernel)" if torch.cuda.is_available() else "it needs CUDA"))
     sections = [only] if only else SECTIONS
     if "kernels" in sections:
-        results["kernels"] = kernels.run(device, smoke, ops, bandwidth, progress)
+        results["kernels"] = kernels.run(device, op_modules(), smoke, ops, bandwidth, progress)
     if "step" in sections:
         results["step"] = step.run(device, smoke, progress=progress)
     if "loader" in sections:
         progress("loader")
         results["loader"] = loader.suite_rows(smoke)
+    if not smoke and only is None and not ops:  # the full suite carries the static report too
+        from .static import run_in_subprocess
+
+        progress("static report")
+        if run_in_subprocess(["--arch", "90,80", "--out", out_dir]) == 0:
+            with open(os.path.join(out_dir, "static.json")) as f:
+                results["static"] = json.load(f)
+        else:
+            results["notes"].append("the static report failed; see its error above")
     results["seconds"] = time.perf_counter() - start
     files = report.write(results, out_dir)
     return results, files
@@ -60,6 +79,10 @@ def main(args):
     if args.action is not None:
         print(f"tinyfuse bench: unknown action {args.action!r} (the one action is compare)", file=sys.stderr)
         return 2
+    if args.static:
+        from .static import run_in_subprocess
+
+        return run_in_subprocess(["--arch", args.arch, "--out", args.out] + (["--ops", *args.ops] if args.ops else []))
     try:
         results, files = run(args.smoke, args.only, args.ops, args.out)
     except ValueError as e:

@@ -377,6 +377,10 @@ def build_parser():
     p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, rope, "
                                                         "swiglu, cross_entropy, linear_cross_entropy)")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
+    p.add_argument("--static", action="store_true",
+                   help="no GPU needed: compile every kernel for --arch and report registers, spills, occupancy, "
+                        "waves, global access widths and bytes moved, and account for a training step (static.json)")
+    p.add_argument("--arch", default="90", help="with --static: compute capabilities, comma-separated (default: 90)")
     p.set_defaults(func=bench)
     return parser
 

@@ -223,7 +223,7 @@ class Trainer:
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda",
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True,  # one multi-tensor kernel per step, CUDA and CPU
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
         self.train_model = self.model

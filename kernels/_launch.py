@@ -13,6 +13,11 @@ import triton
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the op
 # modules are imported: read it at the same moment so the check agrees.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Set by tinyfuse.bench.static while it records launches without running them: CPU
+# tensors then stand in for device ones (only their shapes, strides and alignment count),
+# and launch sizes are chosen for a GPU of RECORDING_SMS multiprocessors.
+RECORDING = False
+RECORDING_SMS = 132
 
 
 def _interpreter_loop_bounds_fix():
@@ -70,7 +75,7 @@ def check_device(**tensors):
                 f"{name}: expected a tensor on {first.device} (the device of {first_name}); "
                 f"got one on {t.device}"
             )
-    if first.device.type == "cpu" and not INTERPRETER:
+    if first.device.type == "cpu" and not (INTERPRETER or RECORDING):
         raise RuntimeError(
             f"{first_name}: tinyfuse's Triton kernels need CUDA tensors; got a CPU tensor. "
             "Use tinyfuse.kernels.reference for plain-PyTorch versions of the same ops, or set "
@@ -118,6 +123,8 @@ def reduction_programs(device, work_items):
     the partials are summed in a fixed order afterwards. Depends on shapes only."""
     if device.type == "cuda":
         cap = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    elif RECORDING:
+        cap = 4 * RECORDING_SMS
     else:
         cap = 4
     return max(1, min(cap, work_items))

@@ -41,6 +41,18 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 TINY_MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 8, "max_seq_len": 64}
 
 
+def tiny_run(data, out, **changes):
+    """The TrainConfig of a tiny CPU run on a prepared folder (TINY_MODEL, a few steps, every
+    step logged); `changes` override any setting."""
+    from tinyfuse.engine.train import TrainConfig
+
+    values = dict(preset="stories260K", model=dict(TINY_MODEL), data=data, out=str(out), batch_size=4, seq_len=32,
+                  max_steps=12, lr=3e-3, warmup_steps=2, log_every=1, eval_every=6, eval_batches=2, ckpt_every=6,
+                  keep_checkpoints=5, device="cpu", sample_tokens=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     assert torch.isfinite(out).all(), "output has NaN or inf: an element was left unwritten or overflowed"

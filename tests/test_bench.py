@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import torch
-from tinyfuse.bench import kernels, report
+from tinyfuse.bench import kernels, report, suite
 
 OPS = ["rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy"]
 
@@ -100,7 +100,7 @@ def test_only_and_ops_narrow_a_run(tmp_path):
 def test_forward_byte_model_counts_inputs_and_outputs(op):
     """Forward bytes = the activations read plus the outputs written (weights, tables and
     targets are left out, as each op's docstring says)."""
-    module = next(m for m in kernels.op_modules() if op in m.OPS)
+    module = next(m for m in suite.op_modules() if op in m.OPS)
     for case in module.cases(op, smoke=True):
         args = case.make("cpu", torch.float32)
         read = sum(a.numel() for a in args if isinstance(a, torch.Tensor) and a.requires_grad and a.dim() > 1)

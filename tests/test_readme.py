@@ -44,6 +44,7 @@ COMMANDS = {
     "tinyfuse bench --smoke": (["--only", "loader"], {}),
     "tinyfuse bench compare bench/results/h100/results.json bench-results/results.json": ([], {}),
     "python -m tinyfuse.bench.rms_norm": (["--smoke"], {}),
+    "tinyfuse bench --static --arch 90,80": (["--ops", "swiglu"], {}),
 }
 
 RUN_TOML = """preset = "stories15M"
@@ -117,6 +118,8 @@ def test_readme_commands_run(tmp_path, shared_data):
     assert oct((tmp_path / "ft-hf" / "model.safetensors").stat().st_mode & 0o777) == \
         oct((tmp_path / "ft-hf" / "config.json").stat().st_mode & 0o777)
     assert (tmp_path / "runs/ddp/metrics.jsonl").is_file() and (tmp_path / "runs/toml/ckpt_000002.pt").is_file()
+    static = json.loads((tmp_path / "bench-results" / "static.json").read_text())
+    assert static["arch"] == [90, 80] and {r["arch"] for r in static["kernels"]} == {90, 80}
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "eval", "export", "prepare", "bench"])

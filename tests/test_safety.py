@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, metrics, run_cli
+from helpers import TINY_MODEL, metrics, run_cli, tiny_run
 from tinyfuse.engine import data
 from tinyfuse.engine.checkpoint import (NATIVE_KIND, CheckpointError, load_checkpoint, load_training_state,
                                         run_checkpoints)
 from tinyfuse.engine.files import FileError, FolderLock
 from tinyfuse.engine.loader import TokenLoader
 from tinyfuse.engine.shards import DataError, read_manifest, split_shards
-from tinyfuse.engine.train import TrainConfig, Trainer
+from tinyfuse.engine.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,8 @@ def prepared(tmp_path_factory):
 
 
 def config(prepared, out, **changes):
-    values = dict(preset="stories260K", model=dict(TINY_MODEL), data=prepared, out=str(out), batch_size=2, seq_len=16,
-                  max_steps=4, log_every=1, eval_every=4, eval_batches=1, ckpt_every=2, keep_checkpoints=3,
-                  device="cpu", sample_tokens=0)
-    values.update(changes)
-    return TrainConfig(**values)
+    return tiny_run(prepared, out, **{**dict(batch_size=2, seq_len=16, max_steps=4, eval_every=4, eval_batches=1,
+                                             ckpt_every=2, keep_checkpoints=3), **changes})
 
 
 @pytest.fixture(scope="module")

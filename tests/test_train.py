@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import TINY_MODEL, metrics, run_cli
+from helpers import TINY_MODEL, metrics, run_cli, tiny_run
 from tinyfuse.engine import data
 from tinyfuse.engine.sample import generate, pick
 from tinyfuse.engine.runtime import device_peak_tflops
@@ -25,16 +25,8 @@ def prepared(tmp_path_factory):
     return str(out)
 
 
-def config(prepared, out, **changes):
-    values = dict(preset="stories260K", model=dict(TINY_MODEL), data=prepared, out=str(out), batch_size=4, seq_len=32,
-                  max_steps=12, lr=3e-3, warmup_steps=2, log_every=1, eval_every=6, eval_batches=2, ckpt_every=6,
-                  keep_checkpoints=5, device="cpu", sample_tokens=0)
-    values.update(changes)
-    return TrainConfig(**values)
-
-
 def test_loss_falls_and_run_folder(prepared, tmp_path):
-    Trainer(config(prepared, tmp_path, max_steps=40, eval_every=20), quiet=True).fit()
+    Trainer(tiny_run(prepared, tmp_path, max_steps=40, eval_every=20), quiet=True).fit()
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 41))
     for r in records:
@@ -52,12 +44,12 @@ def test_loss_falls_and_run_folder(prepared, tmp_path):
 
 def test_resume_is_bit_exact_on_cpu(prepared, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    Trainer(config(prepared, whole), quiet=True).fit()
+    Trainer(tiny_run(prepared, whole), quiet=True).fit()
     resumed.mkdir()
     shutil.copy(whole / "ckpt_000006.pt", resumed)
     with open(whole / "metrics.jsonl") as f, open(resumed / "metrics.jsonl", "w") as g:
         g.writelines(f.readlines())  # lines past the checkpoint, as a crashed run leaves them
-    trainer = Trainer(config(prepared, resumed), quiet=True)
+    trainer = Trainer(tiny_run(prepared, resumed), quiet=True)
     trainer.resume()
     assert trainer.step == 6
     trainer.fit()
@@ -94,7 +86,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(prepared, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_abort(prepared, tmp_path):
-    trainer = Trainer(config(prepared, tmp_path, max_bad_steps=3, max_steps=50), quiet=True)
+    trainer = Trainer(tiny_run(prepared, tmp_path, max_bad_steps=3, max_steps=50), quiet=True)
     with torch.no_grad():
         trainer.model.layers[0].attention_norm.fill_(float("nan"))
     before = {n: p.clone() for n, p in trainer.model.named_parameters()}
@@ -128,9 +120,9 @@ def test_configuration_errors_stop_before_work(prepared, tmp_path, flags, messag
 def test_missing_data_and_other_shape_checkpoint(prepared, tmp_path):
     result = run_cli("train", "--data", str(tmp_path / "none"), "--device", "cpu")
     assert result.returncode == 2 and "tinyfuse prepare" in result.stderr
-    Trainer(config(prepared, tmp_path / "a", max_steps=1), quiet=True).fit()
+    Trainer(tiny_run(prepared, tmp_path / "a", max_steps=1), quiet=True).fit()
     with pytest.raises(ValueError, match="another model shape.*dim 32 vs 48"):
-        Trainer(config(prepared, tmp_path / "a", model={**TINY_MODEL, "dim": 48}), quiet=True).resume()
+        Trainer(tiny_run(prepared, tmp_path / "a", model={**TINY_MODEL, "dim": 48}), quiet=True).resume()
 
 
 def test_toml_config_and_flags(prepared, tmp_path):
@@ -185,7 +177,7 @@ def test_sampling(prepared, tmp_path):
     assert {pick(logits, 1.0, 0.5, g) for _ in range(50)} == {1}, "top_p 0.5 keeps only the top token here"
     assert {pick(logits, 1.0, 1.0, g) for _ in range(200)} >= {1, 3}
 
-    trainer = Trainer(config(prepared, tmp_path, max_steps=30), quiet=True)
+    trainer = Trainer(tiny_run(prepared, tmp_path, max_steps=30), quiet=True)
     trainer.fit()
     model = trainer.model
     a = generate(model, [1], 30, temperature=1.0, seed=3)

@@ -1,0 +1,105 @@
+"""The static report (`tinyfuse bench --static`): every kernel compiled for sm_90 at the
+launch configuration a training step uses, read for registers, spills, access widths and
+bytes, and a training step of each preset accounted for; and the limits CI holds.
+
+The limits start where the code is today (stated with each); the kernel and step issues
+tighten them as they land.
+"""
+import json
+import subprocess
+
+import pytest
+
+# Bytes moved over the op's minimum byte model, at most, per pass (every preset shape and the
+# sweep). Where today's code is above the 1.25 of the static-report issue, the limit is where
+# it is and why:
+# - rms_norm/add_rms_norm backward: the float32 weight-gradient partials (4 x SMs rows of N)
+#   weigh 34% at hidden 32768 over 2048 rows;
+# - cross_entropy forward+backward: 1.5, the backward reads the logits again (the minimum
+#   reads them once and writes the gradient once).
+MAX_RATIO = {"rms_norm": 1.35, "add_rms_norm": 1.35, "rope": 1.25, "swiglu": 1.25, "cross_entropy": 1.25}
+MAX_RATIO_PASS = {("cross_entropy", "fwd+bwd"): 1.55}
+# Memory-bound kernels must use 16-byte global accesses where rows are 16-byte aligned.
+# rope is exempt today: its pairs are read as scalar 16-bit values (the kernel issue fixes it).
+VECTOR_OPS = ("rms_norm", "add_rms_norm", "swiglu")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static")
+    result = subprocess.run(["tinyfuse", "bench", "--static", "--out", str(out)], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "static.json") as f:
+        return json.load(f), result.stdout
+
+
+def test_every_kernel_and_preset_is_reported(report):
+    result, stdout = report
+    assert result["arch"] == [90]
+    rows = result["kernels"]
+    ops = {"rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy"}
+    assert {r["op"] for r in rows} == ops
+    for op in ops:
+        groups = {r["group"] for r in rows if r["op"] == op}
+        assert groups == {"stories260K", "stories15M", "stories42M", "stories110M", "sweep"}, (op, groups)
+        assert {r["pass"] for r in rows if r["op"] == op} == {"fwd", "bwd", "fwd+bwd"}
+    for r in rows:
+        assert r["launches"], f"{r['op']} {r['pass']} {r['shape']}: no Triton launch recorded"
+        for launch in r["launches"]:
+            assert launch["registers"] > 0 and 0 < launch["blocks_per_sm"] <= 32 and launch["waves"] > 0
+            assert 0 < launch["last_wave_busy"] <= 1 and sum(launch["global"].values()) > 0
+            assert launch["grid"][0] >= 1 and launch["num_warps"] in (1, 2, 4, 8, 16, 32)
+        assert r["bytes"] > 0
+    assert "step stories110M:" in stdout and "rms_norm" in stdout
+
+
+def test_the_report_reads_what_the_compiler_made(report):
+    """Figures that follow from the kernels' code, checked so the reading cannot silently break."""
+    rows = report[0]["kernels"]
+    fwd = next(r for r in rows if r["op"] == "rms_norm" and r["pass"] == "fwd" and r["group"] == "stories110M")
+    assert fwd["launches"][0]["sfu"]["rsqrt"] >= 1 and fwd["launches"][0]["global"].get("ld.128", 0) > 0
+    ce = next(r for r in rows if r["op"] == "cross_entropy" and r["pass"] == "fwd" and r["group"] == "stories15M")
+    assert ce["launches"][0]["sfu"]["ex2"] >= 1 and ce["launches"][0]["grid"][0] == 16384
+    # rms_norm forward at 16,384 x 768 bf16: x read and y written once, plus the weight and rstd
+    assert fwd["min_bytes"] == 2 * 16384 * 768 * 2 and fwd["bytes"] == fwd["min_bytes"] + 768 * 2 + 16384 * 4
+
+
+def test_no_kernel_spills_at_a_preset_shape(report):
+    spills = [(r["op"], r["pass"], r["group"], launch["kernel"], launch["local_bytes"])
+              for r in report[0]["kernels"] if r["group"] != "sweep" for launch in r["launches"]
+              if launch["local_bytes"]]
+    assert not spills, spills
+
+
+def test_memory_bound_kernels_use_16_byte_accesses_on_aligned_rows(report):
+    scalar = []
+    for r in report[0]["kernels"]:
+        if r["op"] in VECTOR_OPS and r["shape"][-1] * 2 % 16 == 0:
+            for launch in r["launches"]:
+                narrow = launch["global"].get("ld.16", 0) + launch["global"].get("st.16", 0)
+                if narrow:
+                    scalar.append((r["op"], r["pass"], r["group"], r["shape"], narrow))
+    assert not scalar, scalar
+
+
+def test_bytes_moved_against_the_minimum(report):
+    over = [(r["op"], r["pass"], r["group"], r["shape"], round(r["ratio"], 3)) for r in report[0]["kernels"]
+            if r["op"] in MAX_RATIO and r["ratio"] > MAX_RATIO_PASS.get((r["op"], r["pass"]), MAX_RATIO[r["op"]])]
+    assert not over, over
+    ce = [r["ratio"] for r in report[0]["kernels"] if r["op"] == "cross_entropy" and r["pass"] == "fwd+bwd"]
+    assert min(ce) > 1.4, "cross_entropy reads its logits twice today; tighten MAX_RATIO_PASS when it no longer does"
+
+
+def test_training_step_account(report):
+    steps = {s["preset"]: s for s in report[0]["steps"]}
+    assert set(steps) == {"stories260K", "stories15M", "stories42M", "stories110M"}
+    for s in steps.values():
+        assert s["triton_launches"] > 0 and s["aten_launches"] > 0 and s["allocated_bytes"] > 0
+        # Today: one host synchronisation per step, the loss and gradient norm read before the
+        # optimizer step (the step issue removes it).
+        assert len(s["syncs"]) <= 1, s["syncs"]
+        assert all(sync["line"].startswith("engine/train.py:") for sync in s["syncs"])
+    # The deeper model launches more, and casts each weight it reads under autocast.
+    assert steps["stories110M"]["launches"] > steps["stories15M"]["launches"]
+    assert len(steps["stories110M"]["casts"]) > len(steps["stories15M"]["casts"]) > 0
