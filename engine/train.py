@@ -244,8 +244,9 @@ class Trainer:
         self.val_loader = TokenLoader(self.data, "val", cfg.batch_size, self.seq_len, shuffle=False,
                                       device=loader_device)
         self.step = 0
-        self.bad_steps = 0
-        self.skipped_steps = 0
+        # Device counters, read on logging steps only: non-finite steps in a row, and in all.
+        self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak_flops = None
@@ -280,6 +281,7 @@ class Trainer:
             "rng": _rng_state(),
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "bad_run": int(self.bad_run),
             "tokenizer": self._tokenizer_bytes(),
         }
 
@@ -317,7 +319,8 @@ class Trainer:
         self.train_loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
-        self.skipped_steps = state["skipped_steps"]
+        self.skipped.fill_(state["skipped_steps"])
+        self.bad_run.fill_(state.get("bad_run", 0))
         self._trim_metrics()
         self._print(f"resumed from {checkpoint_path(self.out, self.step)} at step {self.step}")
 
@@ -345,8 +348,17 @@ class Trainer:
         if self.master and not self.quiet:
             print(message, flush=True)
 
+    @property
+    def skipped_steps(self):
+        """Steps skipped for a non-finite loss or gradient norm (reads the device counter)."""
+        return int(self.skipped)
+
     def train_step(self):
-        """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm) as floats."""
+        """One optimizer step over grad_accum micro-batches, with no host synchronisation:
+        the loss and the gradient norm stay on the device (returned as tensors), the clip
+        factor reaches the fused AdamW as its grad_scale, and a step whose loss or norm is
+        not finite is skipped by the optimizer itself (found_inf: parameters and state
+        untouched). check_bad_steps() reads the counters on logging steps."""
         model = self.train_model
         total = torch.zeros((), device=self.device)
         for micro in range(self.micro_steps):
@@ -361,25 +373,31 @@ class Trainer:
             total += loss.detach()
         if self.ddp:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
-        loss_value, norm_value = torch.stack([total, norm.float()]).tolist()  # one sync per step
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
-            self.optimizer.step()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            if self.bad_steps >= self.cfg.max_bad_steps:
-                raise FloatingPointError(
-                    f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (step {self.step}); "
-                    f"try a lower --lr (now {self.cfg.lr}), a longer --warmup-steps, or --grad-clip 1.0"
-                )
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
+        bad = ~(torch.isfinite(total) & torch.isfinite(norm))
+        self.optimizer.found_inf = bad.float()
+        # Dividing the gradients by max(1, norm / clip) is clip_grad_norm_'s scaling, done
+        # inside the optimizer's one pass instead of a pass of its own.
+        self.optimizer.grad_scale = (norm / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip else None
+        self.optimizer.step()
+        self.bad_run = torch.where(bad, self.bad_run + 1, 0)
+        self.skipped += bad
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
         self.step += 1
-        return loss_value, norm_value
+        return total, norm
+
+    def check_bad_steps(self):
+        """Stop the run when max_bad_steps steps in a row were skipped (a host read: logging
+        steps only)."""
+        run = int(self.bad_run)
+        if run >= self.cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"{run} steps in a row had a non-finite loss or gradient norm (step {self.step}); "
+                f"try a lower --lr (now {self.cfg.lr}), a longer --warmup-steps, or --grad-clip 1.0")
 
     @torch.no_grad()
     def evaluate(self):
@@ -409,23 +427,32 @@ class Trainer:
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.progress = Progress(cfg.max_steps, "train", "step", initial=self.step, enabled=self.master and not self.quiet,
                                  stream=sys.stdout)
-        losses = []
+        losses = []  # device scalars of the steps since the last log line: read only there
+
+        def mean_loss():
+            return torch.stack(losses).mean().item()
+
         try:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            fit_start, fit_step = time.perf_counter(), self.step
             window_start, window_steps = time.perf_counter(), 0
             while self.step < cfg.max_steps:
                 loss, norm = self.train_step()
                 losses.append(loss)
                 window_steps += 1
-                self.progress.update(lambda: f"loss {sum(losses) / len(losses):.4f}  "
+                self.progress.update(lambda: f"loss {mean_loss():.4f}  "
                                    f"{format_rate(window_steps * self.tokens_per_step / (time.perf_counter() - window_start))} tok/s")
                 last = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or last:
+                    self.check_bad_steps()
                     elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * self.tokens_per_step / elapsed
-                    record = {"step": self.step, "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": norm, "tokens_per_s": tokens_per_s,
+                    tokens_per_s = window_steps * self.tokens_per_step / elapsed  # steady state: steps only
+                    record = {"step": self.step, "loss": mean_loss(), "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": norm.item(), "tokens_per_s": tokens_per_s,
+                              # what the user gets: evaluation and checkpoints included
+                              "wall_tokens_per_s": (self.step - fit_step) * self.tokens_per_step
+                              / (time.perf_counter() - fit_start),
                               "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
                               "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
                               if self.device.type == "cuda" else None, "skipped_steps": self.skipped_steps}

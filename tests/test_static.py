@@ -96,10 +96,9 @@ def test_training_step_account(report):
     assert set(steps) == {"stories260K", "stories15M", "stories42M", "stories110M"}
     for s in steps.values():
         assert s["triton_launches"] > 0 and s["aten_launches"] > 0 and s["allocated_bytes"] > 0
-        # Today: one host synchronisation per step, the loss and gradient norm read before the
-        # optimizer step (the step issue removes it).
-        assert len(s["syncs"]) <= 1, s["syncs"]
-        assert all(sync["line"].startswith("engine/train.py:") for sync in s["syncs"])
+        # No host synchronisation in a training step: the loss and norm stay on the device,
+        # the fused optimizer skips a non-finite step itself (was one a step: .tolist()).
+        assert s["syncs"] == [], s["syncs"]
     # The deeper model launches more, and casts each weight it reads under autocast.
     assert steps["stories110M"]["launches"] > steps["stories15M"]["launches"]
     assert len(steps["stories110M"]["casts"]) > len(steps["stories15M"]["casts"]) > 0

@@ -195,3 +195,19 @@ def test_sampling(prepared, tmp_path):
     assert one.returncode == 0 and one.stdout == two.stdout and one.stdout.startswith("Once upon")
     bad = run_cli("sample", "--checkpoint", str(tmp_path / "metrics.jsonl"))
     assert bad.returncode == 2 and "not a checkpoint we know" in bad.stderr
+
+
+def test_clipping_through_the_optimizer_equals_clip_grad_norm(prepared, tmp_path):
+    """grad_scale = max(1, norm / clip) inside the fused AdamW is clip_grad_norm_'s scaling."""
+    a = Trainer(tiny_run(prepared, tmp_path / "a", grad_clip=0.05, lr=1e-2), quiet=True)
+    b = Trainer(tiny_run(prepared, tmp_path / "b", grad_clip=0.05, lr=1e-2), quiet=True)
+    a.train_step()
+    x, y = next(b.train_loader)
+    b.model(x, y).backward()
+    torch.nn.utils.clip_grad_norm_(b.model.parameters(), 0.05)
+    b.optimizer.step()
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+    a.close()
+    b.close()
+
