@@ -101,6 +101,16 @@ def tensor_bytes(t):
     return t.numel() * t.element_size()
 
 
+def distinct_bytes(values):
+    """Bytes of the tensors among values, a tensor passed twice (the same view) counted once."""
+    seen, moved = set(), 0
+    for t in values:
+        if isinstance(t, torch.Tensor) and _storage_key(t) not in seen:
+            seen.add(_storage_key(t))
+            moved += tensor_bytes(t)
+    return moved
+
+
 _SYNC_CALLS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 _FREE = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
          "aten.new_empty.default", "aten.new_empty_strided.default", "aten.detach.default", "aten.lift_fresh.default"}
@@ -170,12 +180,8 @@ class Account(TorchDispatchMode):
         sizes = [t.numel() for t in tree_flatten((args, kwargs, meta_out))[0] if isinstance(t, torch.Tensor)]
         if meta_out is None or max(sizes, default=0) <= SMALL:
             out = func(*args, **kwargs)
-            if name in _FREE:
-                self.allocated += sum(tensor_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-            else:
-                self._record(name, args, kwargs, out)
-            return out
-        out = self._returns(func, args, kwargs, meta_out, self.zero)
+        else:
+            out = self._returns(func, args, kwargs, meta_out, self.zero)
         if name in _FREE:
             self.allocated += sum(tensor_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
         else:
@@ -210,11 +216,7 @@ class Account(TorchDispatchMode):
         return real[0] if single else type(meta_out)(real)
 
     def _record(self, name, args, kwargs, out):
-        seen, moved = set(), 0
-        for t in tree_flatten((args, kwargs, out))[0]:
-            if isinstance(t, torch.Tensor) and _storage_key(t) not in seen:
-                seen.add(_storage_key(t))
-                moved += tensor_bytes(t)
+        moved = distinct_bytes(tree_flatten((args, kwargs, out))[0])
         new = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         self.allocated += sum(tensor_bytes(t) for t in new if t.untyped_storage().data_ptr() not in ins)
@@ -335,15 +337,6 @@ def launch_row(fn, grid, args, kwargs, arch):
             **ptx_counts(ptx)}
 
 
-def kernel_bytes(args):
-    seen, moved = set(), 0
-    for a in args:
-        if isinstance(a, torch.Tensor) and _storage_key(a) not in seen:
-            seen.add(_storage_key(a))
-            moved += tensor_bytes(a)
-    return moved
-
-
 # ---------------------------------------------------------------- the kernels
 
 def _empty_leaf(make):
@@ -377,7 +370,7 @@ def measure_pass(fn, inputs, arch):
     out["bwd"] = (list(launches), list(account.ops))
     rows = {}
     for p, (launched, ops) in out.items():
-        moved = sum(kernel_bytes(list(a) + list(kw.values())) for _, _, a, kw in launched)
+        moved = sum(distinct_bytes(list(a) + list(kw.values())) for _, _, a, kw in launched)
         moved += sum(o["bytes"] for o in ops)
         rows[p] = {"bytes": moved, "launches": [launch_row(f, g, a, kw, arch) for f, g, a, kw in launched],
                    "aten": [{"op": o["op"], "bytes": o["bytes"], "line": o["line"]} for o in ops]}
@@ -417,6 +410,7 @@ def step_account(name, tokens=64):
     launches, host syncs, casts, concatenations and bytes allocated. The second step is
     counted (the first creates the optimizer's state)."""
     from tinyfuse.engine.model import preset
+    from tinyfuse.engine.shards import read_manifest, write_manifest
     from tinyfuse.engine.train import TrainConfig, Trainer
 
     from .loader import make_corpus
@@ -425,11 +419,9 @@ def step_account(name, tokens=64):
     seq = min(cfg.max_seq_len, tokens)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(os.path.join(tmp, "data"), tokens=1 << 16, shards=1, vocab=cfg.vocab_size)
-        with open(os.path.join(corpus, "manifest.json")) as f:
-            manifest = json.load(f)
-        manifest["shards"].append({**manifest["shards"][0], "split": "val"})
-        with open(os.path.join(corpus, "manifest.json"), "w") as f:
-            json.dump(manifest, f)
+        train = read_manifest(corpus)["shards"]
+        write_manifest(corpus, train + [{**train[0], "split": "val"}], cfg.vocab_size, 1, 2, "random tokens",
+                       tokenizer=None)  # the one shard serves as val too
         trainer = Trainer(TrainConfig(preset=name, data=corpus, out=os.path.join(tmp, "run"), batch_size=1,
                                       seq_len=seq, device="cpu", kernels="triton", sample_tokens=0), quiet=True)
         trainer.autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as on a GPU

@@ -69,19 +69,16 @@ def _add_dataclass_flags(parser, cls, title):
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=metavar)
 
 
-def train_config(args):
-    """TrainConfig from the run's own settings (with --resume), then the TOML file, then the flags: later wins."""
+def train_config(args, saved=None):
+    """TrainConfig from `saved` (a resumed run's own settings), then the TOML file, then the
+    flags: later wins."""
     import dataclasses
 
     from .model import ModelConfig
     from .train import TrainConfig
 
-    values = {}
+    values = dict(saved or {})
     given = vars(args)
-    if args.resume and given.get("out"):
-        from .checkpoint import load_training_state
-
-        values = dict(load_training_state(given["out"])[0]["train_config"])  # the run's own settings first
     if args.config:
         if sys.version_info >= (3, 11):
             import tomllib
@@ -113,13 +110,15 @@ def default_data_dir():
 def train(args):
     """The main job: train a model; with no arguments, stories260K on the built-in corpus."""
     select_backend()
-    from .checkpoint import run_checkpoints
+    from .checkpoint import load_training_state, run_checkpoints
     from .data import prepare as run_prepare
     from .shards import DataError, read_manifest
     from .train import Interrupted, Trainer
 
     try:
-        cfg = train_config(args)
+        # --resume: the newest intact checkpoint, read once for its settings and its state
+        loaded = load_training_state(args.out) if args.resume and getattr(args, "out", None) else None
+        cfg = train_config(args, loaded[0]["train_config"] if loaded else None)
         cfg.validate()
     except (ValueError, TypeError, OSError) as e:
         print(f"tinyfuse train: {e}", file=sys.stderr)
@@ -143,7 +142,7 @@ def train(args):
         read_manifest(cfg.data)
         trainer = Trainer(cfg)  # holds the run folder from here: a second run into it is refused
         if args.resume:
-            trainer.resume()
+            trainer.resume(loaded)
         elif run_checkpoints(cfg.out):
             trainer.close()
             raise ValueError(f"{cfg.out} already holds checkpoints: pass --resume to continue it, or another --out")
@@ -178,9 +177,9 @@ def _model_and_tokenizer(args, data=None):
     else the one the checkpoint carries, else the prepared data folder's."""
     from .checkpoint import check_tokenizer, load_checkpoint
     from .data import load_tokenizer
-    from .shards import TOKENIZER
     from .model import Transformer, default_kernels
     from .sample import load_tokenizer_bytes
+    from .shards import TOKENIZER
 
     weights = load_checkpoint(args.checkpoint)
     if args.tokenizer:
@@ -202,8 +201,8 @@ def _model_and_tokenizer(args, data=None):
 def sample(args):
     """Generate a story from a checkpoint."""
     select_backend()
-    from .shards import DataError
     from .sample import printable, story
+    from .shards import DataError
 
     try:
         model, sp = _model_and_tokenizer(args)

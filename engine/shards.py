@@ -186,7 +186,7 @@ def max_token(path, dtype):
     return max(int(tokens[start:start + (1 << 24)].max()) for start in range(0, tokens.size, 1 << 24))
 
 
-def verify(data_dir, progress=None):
+def verify(data_dir):
     """Re-read a prepared folder; returns the problems found (empty when it is sound)."""
     try:
         manifest = read_manifest(data_dir)
@@ -202,9 +202,7 @@ def verify(data_dir, progress=None):
     for split in SPLITS:
         if not any(s["split"] == split for s in manifest["shards"]):
             problems.append(f"no {split} shards")
-    for i, shard in enumerate(manifest["shards"]):
-        if progress:
-            progress(i, len(manifest["shards"]))
+    for shard in manifest["shards"]:
         path = os.path.join(data_dir, shard["file"])
         if not os.path.isfile(path):
             problems.append(f"{shard['file']}: missing")

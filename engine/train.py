@@ -20,13 +20,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (NATIVE_KIND, check_shapes, checkpoint_path, load_checkpoint, load_training_state, run_checkpoints, save_checkpoint, shapes_of)
-from .shards import max_token, read_manifest, split_shards, tokenizer_path
+from .checkpoint import (NATIVE_KIND, checkpoint_path, load_checkpoint, load_training_state, run_checkpoints,
+                         save_checkpoint)
 from .files import FolderLock
 from .loader import TokenLoader
 from .model import PRESETS, ModelConfig, Transformer, default_kernels, field_choices, preset, setting, settings_from_dict
 from .progress import Progress
 from .runtime import autocast, default_device, device_peak_tflops, mfu
+from .shards import max_token, read_manifest, split_shards, tokenizer_path
+
 
 @dataclass
 class TrainConfig:
@@ -216,8 +218,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = Transformer(self.model_cfg, kernels=self.kernels, attention=cfg.attention).to(self.device)
-        if init_state is not None:
-            check_shapes(shapes_of(self.model.state_dict()), shapes_of(init_state), self.model_cfg, cfg.init_from)
+        if init_state is not None:  # its shapes were checked against its config by load_checkpoint
             self.model.load_state_dict(init_state)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -287,7 +288,7 @@ class Trainer:
 
     def _tokenizer_bytes(self):
         path = tokenizer_path(self.data, self.manifest)
-        if os.path.isfile(path):
+        if path and os.path.isfile(path):
             with open(path, "rb") as f:
                 return f.read()
         return None
@@ -302,9 +303,10 @@ class Trainer:
             os.remove(old)
         return path
 
-    def resume(self):
-        """Continue from the newest intact checkpoint of the run folder."""
-        state, skipped = load_training_state(self.out)
+    def resume(self, loaded=None):
+        """Continue from the newest intact checkpoint of the run folder; `loaded` is
+        load_training_state(out) when the caller has already read it."""
+        state, skipped = loaded or load_training_state(self.out)
         for path, why in skipped:
             self._print(f"skipped {path}: {why}")
         saved = ModelConfig.from_dict(state["model_config"])
