@@ -56,15 +56,16 @@ def kernel_table(rows, gpu=True):
 def step_table(rows):
     """The breakdown comes from separate steps synchronised between phases; "sum" is the
     phases' total over the whole-step median (above 100%: the synchronisations' own cost)."""
-    lines = ["| preset | kernels | compile | tokens/s | MFU | peak GB | step ms | data | forward | backward | optimizer "
-             "| sum |", "|" + "---|" * 12]
+    lines = ["| preset | model | kernels | compile | tokens/s | MFU | peak GB | step ms | data | forward | backward "
+             "| optimizer | sum |", "|" + "---|" * 13]
     for r in rows:
+        head = f"| {r['preset']} | {r.get('model', 'tinyfuse')} | {r['kernels']} | {r['compile']} |"
         if r.get("tokens_per_s") is None:
-            lines.append(f"| {r['preset']} | {r['kernels']} | {r['compile']} | error: {r.get('error', '')} ||||||||")
+            lines.append(f"{head} error: {r.get('error', '')} ||||||||")
             continue
         b = r["breakdown"]
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-        lines.append(f"| {r['preset']} | {r['kernels']} | {r['compile']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+        lines.append(f"{head} {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {r['step_ms']:.2f} | {b['data']:.2f} | {b['forward']:.2f} | "
                      f"{b['backward']:.2f} | {b['optimizer']:.2f} | {100 * sum(b.values()) / r['step_ms']:.0f}% |")
     return "\n".join(lines)
@@ -143,20 +144,21 @@ def plots(results, out_dir):
     steps = [r for r in results.get("step", []) if r.get("tokens_per_s") is not None]
     if steps:
         presets = list(dict.fromkeys(r["preset"] for r in steps))
-        configs = list(dict.fromkeys((r["kernels"], r["compile"]) for r in steps))
-        fig, ax = plt.subplots(figsize=(9, 4))
+        configs = list(dict.fromkeys(_step_config(r) for r in steps))
+        fig, ax = plt.subplots(figsize=(11, 4))
         width = 0.8 / len(configs)
-        for i, (kernels, comp) in enumerate(configs):
-            values = [next((r["tokens_per_s"] for r in steps if (r["preset"], r["kernels"], r["compile"])
-                            == (p, kernels, comp)), 0) for p in presets]
+        for i, config in enumerate(configs):
+            values = [next((r["tokens_per_s"] for r in steps if (r["preset"], _step_config(r)) == (p, config)), 0)
+                      for p in presets]
+            model, kernels, comp = config
             ax.bar([j + i * width for j in range(len(presets))], values, width,
-                   label=f"{kernels}{' + compile' if comp else ''}")
+                   label=f"{'HF ' if model == 'transformers' else ''}{kernels}{' + compile' if comp else ''}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(presets))], presets)
         ax.set_yscale("log")
         ax.set_ylabel("tokens/s")
         ax.set_title(f"training step — {results['env']['device']}"
                      + ("" if on_gpu(results) else " (CPU, interpreter: not speed)"))
-        ax.legend()
+        ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         path = os.path.join(out_dir, "step.png")
@@ -164,6 +166,10 @@ def plots(results, out_dir):
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _step_config(row):
+    return row.get("model", "tinyfuse"), row["kernels"], row["compile"]
 
 
 def write(results, out_dir):
@@ -187,7 +193,8 @@ def _indexed(results):
                 (r["ms"], r.get("noise", 0.0))
     for r in results.get("step", []):
         if r.get("tokens_per_s"):
-            out[("step", f"{r['preset']} kernels={r['kernels']} compile={r['compile']}")] = \
+            model = "" if r.get("model", "tinyfuse") == "tinyfuse" else f" {r['model']}"
+            out[("step", f"{r['preset']}{model} kernels={r['kernels']} compile={r['compile']}")] = \
                 (1.0 / r["tokens_per_s"], r.get("noise", 0.0))
     for r in results.get("loader", []):
         out[("loader", f"{r['impl']} {r['batch_size']}x{r['seq_len']}")] = (1.0 / r["tokens_per_s"], r.get("noise", 0.0))

@@ -1,16 +1,20 @@
 """Benchmark: one training step of each preset — tokens/s, MFU, peak memory and where the
-time goes — with kernels="triton" and "torch", eager and under torch.compile, bf16 on CUDA.
+time goes — with kernels="triton" and "torch", eager and under torch.compile, bf16 on CUDA;
+beside them Hugging Face's LlamaForCausalLM of the same sizes (SDPA attention, tied
+embeddings), plain, patched with tinyfuse.kernels.patch_transformers, and patched with
+Liger-Kernel's apply_liger_kernel_to_llama when liger_kernel imports.
 
     python -m tinyfuse.bench.step [--smoke] [--presets stories15M ...] [--json FILE]
 
 A step is what the trainer does: next batch from the C++ TokenLoader (random tokens of the
 preset's vocabulary, 16,384 tokens a step: stories260K 32 x 512, stories15M 64 x 256,
 stories42M and stories110M 16 x 1024), forward with the fused loss, backward, gradient
-clipping, fused AdamW. Tokens/s comes from the median of whole steps, each timed end to
+clipping, fused AdamW; the same for the Hugging Face model, which is given the loader's
+targets as shift_labels so both predict the same tokens. Tokens/s comes from the median of whole steps, each timed end to
 end (one synchronisation per step, as the trainer has); the
 breakdown (data, forward, backward, optimizer; medians) from separate steps synchronised
 between phases. MFU is the engine's: tokens/s x model.flops_per_token(T) (PaLM's 6N + 12
-L H Q T) over the device's dense bf16 peak.
+L H Q T, the same count for the Hugging Face rows) over the device's dense bf16 peak.
 """
 import argparse
 import json
@@ -35,15 +39,47 @@ def _now(device):
     return time.perf_counter()
 
 
-def measure_step(name, kernels, compile, device, smoke, corpus_dir):
+MODELS = {"tinyfuse": ("triton", "torch"), "transformers": ("plain", "tinyfuse", "liger")}
+
+
+def hf_model(cfg, patch):
+    """LlamaForCausalLM with the preset's sizes; patch: "plain", "tinyfuse" or "liger"."""
+    import transformers
+
+    from tinyfuse.engine.checkpoint import hf_config
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg), attn_implementation="sdpa"))
+    if patch == "tinyfuse":
+        from tinyfuse.kernels import patch_transformers
+
+        patch_transformers(model)
+    elif patch == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
+    elif patch != "plain":
+        raise ValueError(f"patch must be plain, tinyfuse or liger; got {patch!r}")
+    return model
+
+
+def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir):
     cuda = torch.device(device).type == "cuda"
     cfg = preset(name)
     seq_len = 16 if smoke else cfg.max_seq_len
     batch = 1 if smoke else STEP_TOKENS // seq_len
     torch.manual_seed(0)
-    model = Transformer(cfg, kernels=kernels).to(device)
+    with torch.device("meta"):
+        flops_per_token = Transformer(cfg).flops_per_token(seq_len)
+    if model_kind == "tinyfuse":
+        model = Transformer(cfg, kernels=kernels).to(device)
+        loss_of = model
+    else:
+        model = hf_model(cfg, kernels).to(device).train()
+
+        def loss_of(x, y):
+            return model(input_ids=x, labels=y, shift_labels=y).loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    forward = torch.compile(model, backend="inductor" if cuda else "aot_eager") if compile else model
+    forward = torch.compile(loss_of, backend="inductor" if cuda else "aot_eager") if compile else loss_of
     loader = TokenLoader(corpus_dir, "train", batch, seq_len, seed=0, device=device if cuda else None)
 
     def step(times=None):
@@ -84,31 +120,39 @@ def measure_step(name, kernels, compile, device, smoke, corpus_dir):
     quartiles = statistics.quantiles(step_ms, n=4) if len(step_ms) > 1 else [median] * 3
     tokens_per_s = batch * seq_len / (median / 1e3)
     peak = device_peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
-    return {"preset": name, "kernels": kernels, "compile": compile, "batch_size": batch, "seq_len": seq_len,
+    return {"preset": name, "model": model_kind, "kernels": kernels, "compile": compile, "batch_size": batch,
+            "seq_len": seq_len,
             "step_ms": median, "noise": (quartiles[2] - quartiles[0]) / median, "tokens_per_s": tokens_per_s,
-            "mfu": mfu(tokens_per_s, model.flops_per_token(seq_len), peak * 1e12 if peak else None),
+            "mfu": mfu(tokens_per_s, flops_per_token, peak * 1e12 if peak else None),
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "breakdown": {key: statistics.median(v) for key, v in times.items()}}
 
 
-def run(device, smoke=False, presets=None, progress=print):
+def combinations(models=tuple(MODELS)):
+    """(model, kernels, compile) of every row: each model's kernel choices, eager and compiled;
+    the Liger rows only where liger_kernel imports and runs (CUDA; the suite notes its absence)."""
+    from .kernels import liger
+
+    return [(m, k, c) for m in models for k in MODELS[m] for c in (False, True) if k != "liger" or liger()]
+
+
+def run(device, smoke=False, presets=None, models=tuple(MODELS), progress=print):
     presets = presets or (["stories260K"] if smoke else list(PRESETS))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
             corpus = make_corpus(os.path.join(tmp, name), tokens=1 << (16 if smoke else 24),
                                  vocab=preset(name).vocab_size)
-            for kernels in ("triton", "torch"):
-                for compile in (False, True):
-                    progress(f"step: {name} kernels={kernels} compile={compile}")
-                    try:
-                        rows.append(measure_step(name, kernels, compile, device, smoke, corpus))
-                    except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
-                        rows.append({"preset": name, "kernels": kernels, "compile": compile, "tokens_per_s": None,
-                                     "error": error_text(e)})
-                    torch._dynamo.reset()
-                    if torch.device(device).type == "cuda":
-                        torch.cuda.empty_cache()
+            for model_kind, kernels, compile in combinations(models):
+                progress(f"step: {name} {model_kind} kernels={kernels} compile={compile}")
+                try:
+                    rows.append(measure_step(name, model_kind, kernels, compile, device, smoke, corpus))
+                except Exception as e:  # out of memory, a compile failure, no liger: recorded, the run goes on
+                    rows.append({"preset": name, "model": model_kind, "kernels": kernels, "compile": compile,
+                                 "tokens_per_s": None, "error": error_text(e)})
+                torch._dynamo.reset()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -116,10 +160,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(device, args.smoke, args.presets, progress=lambda m: print(m, file=sys.stderr))
+    rows = run(device, args.smoke, args.presets, args.models, progress=lambda m: print(m, file=sys.stderr))
     from .report import step_table
 
     print(step_table(rows))

@@ -377,14 +377,19 @@ def export_hf(weights, out_dir, tokenizer_bytes=None):
             "tokenizer_class": "LlamaTokenizer", "bos_token": sp.id_to_piece(bos), "eos_token": sp.id_to_piece(eos),
             "unk_token": sp.id_to_piece(sp.unk_id()), "add_bos_token": True, "add_eos_token": False,
             "model_max_length": cfg.max_seq_len, "legacy": True})
-    _write_json(os.path.join(out_dir, "config.json"), {
+    _write_json(os.path.join(out_dir, "config.json"), hf_config(cfg, bos, eos))
+
+
+def hf_config(cfg, bos=1, eos=2):
+    """The Hugging Face LlamaConfig fields of a ModelConfig (config.json; the benchmark's HF rows)."""
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "float32"})
+        "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "float32"}
 
 
 def _write_json(path, obj):

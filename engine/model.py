@@ -190,13 +190,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.hidden_dim = cfg.hidden_dim
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # [gate; up]
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x, ops):
-        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
-        return self.w2(ops.swiglu(gate, up))
+        return self.w2(ops.swiglu(self.w13(x)))  # one [N, 2H] gradient back into w13
 
 
 class Block(nn.Module):

@@ -27,8 +27,9 @@ def add_rms_norm(x, residual, weight, eps=1e-5):
 def _rotate(x, cos, sin, interleaved):
     ct = _compute_dtype(x)
     xf = x.to(ct)
-    c = cos[: x.shape[1]].to(ct)[None, :, None, :]
-    s = sin[: x.shape[1]].to(ct)[None, :, None, :]
+    # [>=T, D/2] tables: one position per time step; [B or 1, T, D/2]: per sequence.
+    c = (cos[: x.shape[1]][None] if cos.dim() == 2 else cos).to(ct)[:, :, None, :]
+    s = (sin[: x.shape[1]][None] if sin.dim() == 2 else sin).to(ct)[:, :, None, :]
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
@@ -42,7 +43,9 @@ def rope(q, k, cos, sin, interleaved=True):
     return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
 
 
-def swiglu(gate, up):
+def swiglu(gate, up=None):
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
     ct = _compute_dtype(gate)
     return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 

@@ -1,7 +1,9 @@
 """Rotary position embedding applied to q and k in one launch.
 
 Each program rotates a block of tokens across all q heads and then all k heads,
-reading the cos/sin row of each token once for both. The backward is the same
+reading the cos/sin row of each token once for both. The tables hold one row per
+position ([T, D/2], shared by the batch) or one per token ([B, T, D/2]: Hugging
+Face's position ids, left padding, a KV cache's offsets). The backward is the same
 rotation by the opposite angle, so one kernel serves both directions.
 """
 import torch
@@ -34,7 +36,7 @@ def _rotate_heads(X, OUT, b, t, tok, tok_mask, n_heads, stride_b, stride_t, stri
 
 @triton.jit
 def _rope_kernel(Q, K, COS, SIN, QO, KO, n_tokens, T, HQ, HK,
-                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, stride_cs,
+                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, stride_cb, stride_ct,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr,
                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                  INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
@@ -45,9 +47,9 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, n_tokens, T, HQ, HK,
     j = tl.arange(0, BLOCK_HALF)
     j_mask = j < HALF
     cs_mask = tok_mask[:, None] & j_mask[None, :]
-    cs = t[:, None] * stride_cs + j[None, :]
-    cos = tl.load(COS + cs, mask=cs_mask, other=0.0)
-    sin = tl.load(SIN + cs, mask=cs_mask, other=0.0)
+    cs = b[:, None] * stride_cb + t[:, None] * stride_ct + j[None, :]
+    cos = tl.load(COS + cs, mask=cs_mask, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + cs, mask=cs_mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
     _rotate_heads(Q, QO, b, t, tok, tok_mask, HQ, sq_b, sq_t, sq_h, cos, sin, j, j_mask,
@@ -74,10 +76,18 @@ def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
         tokens = max(1, min(64, triton.next_power_of_2(max(1, 4096 // per_token))))
         _rope_kernel[(triton.cdiv(n_tokens, tokens),)](
             q, k, cos, sin, q_out, k_out, n_tokens, T, HQ, HK,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            *_table_strides(cos),
             HALF=half, BLOCK_HALF=block_half, TOKENS=tokens, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
             INTERLEAVED=interleaved, INVERSE=inverse, num_warps=warps_for(tokens * per_token // 2))
     return q_out, k_out
+
+
+def _table_strides(table):
+    """(batch, position) strides of a [T, D/2] or [B, T, D/2] table; a shared one or B = 1 has batch stride 0."""
+    if table.dim() == 2:
+        return 0, table.stride(0)
+    return (table.stride(0) if table.shape[0] > 1 else 0), table.stride(1)
 
 
 @rope_rotate.register_fake
@@ -100,7 +110,9 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def rope(q, k, cos, sin, interleaved=True):
-    """Rotate q [B, T, Hq, D] and k [B, T, Hkv, D] by the float32 tables cos, sin [>=T, D/2].
+    """Rotate q [B, T, Hq, D] and k [B, T, Hkv, D] by the tables cos, sin: [>=T, D/2] (one
+    row per position, shared by the batch) or [B or 1, >=T, D/2] (one row per token). Tables
+    may be any float dtype; the math is float32 and q and k keep their dtype.
 
     interleaved=True rotates the pairs (2i, 2i+1) (llama2.c, Meta's Llama);
     interleaved=False rotates (i, i + D/2) (Hugging Face Llama). A position
@@ -109,8 +121,8 @@ def rope(q, k, cos, sin, interleaved=True):
     check_float("q", q)
     check_float("k", k)
     check_same_dtype(q=q, k=k)
-    check_float("cos", cos, (torch.float32,))
-    check_float("sin", sin, (torch.float32,))
+    check_float("cos", cos)
+    check_float("sin", sin)
     if q.dim() != 4:
         raise ValueError(f"q: expected 4 dims [batch, seq, heads, head_dim]; got shape {tuple(q.shape)}")
     if k.dim() != 4:
@@ -124,9 +136,12 @@ def rope(q, k, cos, sin, interleaved=True):
     if k.shape[2] == 0 or HQ % k.shape[2]:
         raise ValueError(f"k: kv_heads must divide q's heads ({HQ}); got {k.shape[2]}")
     for name, table in (("cos", cos), ("sin", sin)):
-        if table.dim() != 2 or table.shape[1] != D // 2 or table.shape[0] < T:
-            raise ValueError(f"{name}: expected shape (>= {T}, {D // 2}) for seq {T} and head_dim {D}; "
-                             f"got {tuple(table.shape)}")
+        per_token = table.dim() == 3 and table.shape[0] in (1, B) and table.shape[1] >= T
+        if not (per_token or table.dim() == 2 and table.shape[0] >= T) or table.shape[-1] != D // 2:
+            raise ValueError(f"{name}: expected shape (>= {T}, {D // 2}) or ({B}, >= {T}, {D // 2}) for batch {B}, "
+                             f"seq {T} and head_dim {D}; got {tuple(table.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"sin: expected the shape of cos {tuple(cos.shape)}; got {tuple(sin.shape)}")
     check_device(q=q, k=k, cos=cos, sin=sin)
     return RoPEFunction.apply(q, k, cos, sin, interleaved)
 

@@ -2,7 +2,10 @@
 
 Forward reads gate and up once and writes y; backward reads dy, gate and up
 once and writes both gradients, recomputing the sigmoid instead of storing it.
-gate and up may be row-strided views (the two halves of one fused projection).
+gate and up may be row-strided views. Given the fused projection's output
+[gate | up] as one tensor, the backward writes both gradients into one tensor of
+that shape, so autograd makes no concatenation copy before the projection's
+backward (one read and one write of [N, 2H] less per layer).
 """
 import torch
 import triton
@@ -24,7 +27,7 @@ def _swiglu_forward_kernel(G, U, Y, M, N, stride_g, stride_u, ROWS: tl.constexpr
 
 
 @triton.jit
-def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_u,
+def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_u, stride_dgu,
                             ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,8 +40,8 @@ def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_
     silu = g * s
     dg = dy * u * s * (1.0 + g * (1.0 - s))
     du = dy * silu
-    tl.store(DG + rows64 * N + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + rows64 * N + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + rows64 * stride_dgu + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows64 * stride_dgu + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
 
 def _tiles(m, n):
@@ -64,22 +67,42 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(dy, gate, up, dg, du):
+    """Launch the backward on row views; dg and du share one row stride (two tensors, or the halves of one)."""
     dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     m, n = g2.shape
-    dg = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
-    du = torch.empty((m, n), dtype=up.dtype, device=up.device)
-    if dg.numel() > 0:
+    if m * n > 0:
         grid, rows, block_n = _tiles(m, n)
         _swiglu_backward_kernel[grid](dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0),
-                                      ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+                                      dg.stride(0), ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+
+
+@torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = gate.shape[-1]
+    dg = torch.empty((gate.numel() // max(n, 1), n), dtype=gate.dtype, device=gate.device)
+    du = torch.empty_like(dg)
+    _backward(dy, gate, up, dg, du)
     return dg.view(gate.shape), du.view(up.shape)
 
 
 @swiglu_backward.register_fake
 def _(dy, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+@torch.library.custom_op("tinyfuse::swiglu_packed_backward", mutates_args=())
+def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """The gradient of swiglu(gate_up) as one tensor shaped like gate_up ([..., 2H])."""
+    n = gate_up.shape[-1] // 2
+    dgu = torch.empty((gate_up.numel() // max(2 * n, 1), 2 * n), dtype=gate_up.dtype, device=gate_up.device)
+    _backward(dy, gate_up[..., :n], gate_up[..., n:], dgu, dgu[:, n:])
+    return dgu.view(gate_up.shape)
+
+
+@swiglu_packed_backward.register_fake
+def _(dy, gate_up):
+    return gate_up.new_empty(gate_up.shape)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -94,15 +117,39 @@ class SwiGLUFunction(torch.autograd.Function):
         return torch.ops.tinyfuse.swiglu_backward(dy, gate, up)
 
 
-def swiglu(gate, up):
-    """silu(gate) * up in float32 math, returned in gate's dtype."""
+class SwiGLUPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.ops.tinyfuse.swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate_up, = ctx.saved_tensors
+        return torch.ops.tinyfuse.swiglu_packed_backward(dy, gate_up)
+
+
+def swiglu(gate, up=None):
+    """silu(gate) * up in float32 math, returned in gate's dtype.
+
+    With up=None, gate is the fused projection's output [..., 2H] holding gate then
+    up along its last dimension; the result is [..., H] and the gradient comes back
+    as one [..., 2H] tensor.
+    """
     check_float("gate", gate)
+    if gate.dim() == 0:
+        raise ValueError("gate: expected at least one dimension; got a scalar")
+    if up is None:
+        if gate.shape[-1] % 2:
+            raise ValueError(f"gate: with up=None the last dim holds [gate | up] and must be even; "
+                             f"got {gate.shape[-1]}")
+        check_device(gate=gate)
+        return SwiGLUPackedFunction.apply(gate)
     check_float("up", up)
     check_same_dtype(gate=gate, up=up)
     if gate.shape != up.shape:
         raise ValueError(f"up: expected the shape of gate {tuple(gate.shape)}; got {tuple(up.shape)}")
-    if gate.dim() == 0:
-        raise ValueError("gate: expected at least one dimension; got a scalar")
     check_device(gate=gate, up=up)
     return SwiGLUFunction.apply(gate, up)
 
@@ -117,5 +164,4 @@ class SwiGLU(torch.nn.Module):
         self.w2 = torch.nn.Linear(hidden_dim, dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x):
-        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
-        return self.w2(swiglu(gate, up))
+        return self.w2(swiglu(self.w13(x)))

@@ -31,6 +31,23 @@ def test_rope_matches_float64(heads, kv_heads, head_dim, dtype, interleaved):
                interleaved, dtype)
 
 
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch_rows", [1, 3])
+def test_per_token_tables(batch_rows, table_dtype):
+    """[B or 1, T, D/2] tables: each sequence at its own positions (Hugging Face's
+    position ids, left padding); the tables may come in the activations' dtype."""
+    B, T, D = 3, 9, 16
+    cos_full, sin_full = rope_tables(40, D, device=DEVICE)
+    positions = torch.randint(0, 40, (batch_rows, T), device=DEVICE)
+    cos, sin = cos_full[positions].to(table_dtype), sin_full[positions].to(table_dtype)
+    check_rope(leaf((B, T, 4, D), torch.float32), leaf((B, T, 2, D), torch.float32), cos, sin, False, torch.float32)
+    if batch_rows == 3:  # sequence 1 alone, rotated by the shared table at its positions
+        q, k = leaf((B, T, 4, D), torch.float32), leaf((B, T, 2, D), torch.float32)
+        q_out, _ = rope(q, k, cos, sin, interleaved=False)
+        alone, _ = reference.rope(q[1:2].double(), k[1:2].double(), cos[1].double(), sin[1].double(), False)
+        assert rel_err(q_out[1:2], alone) < TOLERANCE[table_dtype]
+
+
 def test_layouts_differ_and_are_rotations():
     q, k = torch.randn(1, 5, 2, 16, device=DEVICE), torch.randn(1, 5, 2, 16, device=DEVICE)
     cos, sin = rope_tables(5, 16, device=DEVICE)

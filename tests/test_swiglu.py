@@ -35,6 +35,35 @@ def test_halves_of_a_fused_projection():
     check_swiglu(gate_t, leaf((30, 40), torch.float32), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 2 * 172), (5, 2 * 768), (0, 2 * 64)])
+def test_packed_gate_up_matches_float64(shape, dtype):
+    """swiglu(gate_up): the fused projection's output in one tensor, its gradient one tensor too."""
+    gate_up = leaf(shape, dtype, scale=3.0)
+    y = swiglu(gate_up)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    gu64 = as_float64_leaf(gate_up)
+    y64 = reference.swiglu(gu64)
+    y64.backward(dy.double())
+    assert y.shape == (*shape[:-1], shape[-1] // 2) and y.dtype == dtype
+    assert gate_up.grad.shape == gate_up.shape and gate_up.grad.is_contiguous()
+    if y.numel():
+        assert rel_err(y, y64) < TOLERANCE[dtype]
+        assert rel_err(gate_up.grad, gu64.grad) < TOLERANCE[dtype]
+
+
+def test_packed_backward_is_one_kernel_without_a_concatenation():
+    """The gradient of the fused projection's output comes from the kernel, not from an aten cat."""
+    from torch.profiler import profile
+    gate_up = leaf((6, 2 * 96), torch.float32)
+    with profile() as prof:
+        swiglu(gate_up).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "tinyfuse::swiglu_packed_backward" in names
+    assert "aten::cat" not in names  # (copies are not checked: the interpreter makes its own)
+
+
 def test_zero_rows():
     gate, up = leaf((0, 172), torch.float32), leaf((0, 172), torch.float32)
     y = swiglu(gate, up)
