@@ -179,7 +179,10 @@ class Account(TorchDispatchMode):
             meta_out = None
         sizes = [t.numel() for t in tree_flatten((args, kwargs, meta_out))[0] if isinstance(t, torch.Tensor)]
         if meta_out is None or max(sizes, default=0) <= SMALL:
-            out = func(*args, **kwargs)
+            try:
+                out = func(*args, **kwargs)
+            except NotImplementedError:  # a CUDA-only op (mm with out_dtype) recorded on CPU tensors
+                out = self._returns(func, args, kwargs, meta_out, self.zero)
         else:
             out = self._returns(func, args, kwargs, meta_out, self.zero)
         if name in _FREE:
@@ -426,7 +429,7 @@ def step_account(name, tokens=64):
                                       seq_len=seq, device="cpu", kernels="triton", sample_tokens=0), quiet=True)
         trainer.autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as on a GPU
         try:
-            with recorded_launches(zero=True):
+            with recorded_launches(zero=True), Account(zero=True):  # CUDA-only ops are faked here too
                 trainer.train_step()
             account = Account(zero=True)
             with recorded_launches(zero=True) as launches, host_syncs(account), account:

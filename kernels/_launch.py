@@ -18,6 +18,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # and launch sizes are chosen for a GPU of RECORDING_SMS multiprocessors.
 RECORDING = False
 RECORDING_SMS = 132
+RECORDING_MEMORY = 80 << 30  # an H100's
 
 
 def _interpreter_loop_bounds_fix():

@@ -1,15 +1,28 @@
-"""Cross-entropy of hidden @ weight.T without ever holding the [N, V] logits.
+"""Cross-entropy of hidden @ weight.T, its [N, V] logits never kept as logits.
 
-Tokens go through in chunks: each chunk's logits are computed by one matmul,
-reduced to per-row loss and logsumexp by the cross-entropy kernel, and dropped.
-The backward recomputes each chunk's logits (the same matmul, so the same bits),
-turns them into their gradient in place with the saved logsumexp, and folds
-them into grad_hidden and a float32 grad_weight. Peak extra memory is one chunk
-of logits plus the gradients (grad_weight accumulated in float32); the price is
-one more matmul than the materialised path.
+Two paths, chosen by the size of the logits against a memory budget:
+
+- Stored gradient (the [N, V] tensor fits the budget and a gradient is wanted): one
+  matmul writes the logits, the cross-entropy kernel reduces them to per-row loss
+  and logsumexp, and a second kernel turns them in place into the gradient of each
+  row's loss with unit weight. The backward only scales: with g the per-row upstream
+  gradient, grad_hidden = g * (G @ weight) and grad_weight = G.T @ (g * hidden), so
+  any reduction works and no matmul is repeated (3 matmuls of N*V*D, not 4).
+- Chunked (larger, or no gradient wanted): tokens go through in chunks, each
+  chunk's logits computed, reduced and dropped; the backward recomputes each chunk's
+  logits (the same matmul, so the same bits), turns them into their gradient with
+  the saved logsumexp and folds them into grad_hidden and a float32 grad_weight.
+  Peak extra memory is one chunk of logits plus the gradients.
+
+The budget defaults to 1/8 of the device's memory on CUDA (a fixed figure, not the
+free memory of the moment: the choice must be the same every step, for CUDA graphs
+and compiled graphs alike) and 256 MiB elsewhere; memory_budget=0 forces chunks.
 """
+import functools
+
 import torch
 
+from . import _launch
 from ._launch import check_device, check_float, check_same_dtype
 from .cross_entropy import (check_loss_options, check_target_range, cross_entropy_grad_rows, cross_entropy_rows,
                             reduce_loss)
@@ -23,12 +36,41 @@ def default_chunk_size(n, v, d):
     return max(1, min(n, max(256, 1 << max(rows, 1).bit_length() - 1)))
 
 
+@functools.lru_cache(maxsize=None)
+def _device_memory(index):
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def default_memory_budget(device):
+    """Bytes the stored gradient may take: 1/8 of a CUDA device's memory, 256 MiB elsewhere
+    (while the static report records launches: 1/8 of the GPU it stands for)."""
+    if device.type == "cuda":
+        return _device_memory(device.index if device.index is not None else torch.cuda.current_device()) // 8
+    if _launch.RECORDING:
+        return _launch.RECORDING_MEMORY // 8
+    return 256 << 20
+
+
+def _on_tensor_cores(a):
+    """Whether a's products go through cuBLAS with a float32 output (CUDA, or recorded for one)."""
+    return a.is_cuda or _launch.RECORDING
+
+
+def _mm_float32(a, b):
+    """a @ b with a float32 result: on CUDA the product stays on the bf16/fp16 tensor cores."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if _on_tensor_cores(a):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _accumulate_float32(acc, a, b):
     """acc += a @ b in place, acc float32; on CUDA the product stays on the bf16/fp16
     tensor cores and cuBLAS adds it into acc (beta = 1), with no float32 temporary."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda:
+    elif _on_tensor_cores(a):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
@@ -36,30 +78,47 @@ def _accumulate_float32(acc, a, b):
 
 @torch.library.custom_op("tinyfuse::linear_cross_entropy_forward", mutates_args=())
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                 ignore_index: int, label_smoothing: float, z_loss: float,
-                                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = hidden.shape[0]
+                                 ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
+                                 store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row float32 loss and logsumexp; with store_grad also the unit-weight gradient of
+    the logits [N, V] (otherwise an empty [0, V] tensor)."""
+    n, v = hidden.shape[0], weight.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if store_grad:
+        grad_logits = hidden @ weight.T
+        cross_entropy_rows(grad_logits, target, ignore_index, label_smoothing, z_loss, loss, lse)
+        unit = torch.ones((), dtype=torch.float32, device=hidden.device).expand(n)
+        cross_entropy_grad_rows(grad_logits, target, lse, unit, ignore_index, label_smoothing, z_loss, grad_logits)
+        return loss, lse, grad_logits
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
         logits = hidden[rows] @ weight.T
         cross_entropy_rows(logits, target[rows], ignore_index, label_smoothing, z_loss, loss[rows], lse[rows])
-    return loss, lse
+    return loss, lse, hidden.new_empty((0, v))
 
 
 @linear_cross_entropy_forward.register_fake
-def _(hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size):
-    n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+def _(hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad):
+    n, v = hidden.shape[0], weight.shape[0]
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+            hidden.new_empty((n if store_grad else 0, v)))
 
 
 @torch.library.custom_op("tinyfuse::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                  lse: torch.Tensor, grad_loss: torch.Tensor, ignore_index: int,
-                                  label_smoothing: float, z_loss: float,
+                                  lse: torch.Tensor, grad_logits: torch.Tensor, grad_loss: torch.Tensor,
+                                  ignore_index: int, label_smoothing: float, z_loss: float,
                                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of hidden and weight from the stored unit-weight gradient (when
+    grad_logits has rows) or by recomputing each chunk's logits."""
     n = hidden.shape[0]
+    if grad_logits.shape[0] == n and n > 0:
+        # Ignored rows carry a zero gradient whatever the upstream value (inf for an all-ignored "mean").
+        g = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
+        grad_hidden = (_mm_float32(grad_logits, weight) * g).to(hidden.dtype)
+        grad_weight = _mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype))
+        return grad_hidden, grad_weight.to(weight.dtype)
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for start in range(0, n, chunk_size):
@@ -73,32 +132,36 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, ta
 
 
 @linear_cross_entropy_backward.register_fake
-def _(hidden, weight, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, chunk_size):
+def _(hidden, weight, target, lse, grad_logits, grad_loss, ignore_index, label_smoothing, z_loss, chunk_size):
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size):
-        loss, lse = torch.ops.tinyfuse.linear_cross_entropy_forward(hidden, weight, target, ignore_index,
-                                                                    label_smoothing, z_loss, chunk_size)
-        ctx.save_for_backward(hidden, weight, target, lse)
+    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad):
+        loss, lse, grad_logits = torch.ops.tinyfuse.linear_cross_entropy_forward(
+            hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad)
+        ctx.save_for_backward(hidden, weight, target, lse, grad_logits)
         ctx.options = ignore_index, label_smoothing, z_loss, chunk_size
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, target, lse = ctx.saved_tensors
+        hidden, weight, target, lse, grad_logits = ctx.saved_tensors
         grad_hidden, grad_weight = torch.ops.tinyfuse.linear_cross_entropy_backward(
-            hidden, weight, target, lse, grad_loss, *ctx.options)
-        return grad_hidden, grad_weight, None, None, None, None, None
+            hidden, weight, target, lse, grad_logits, grad_loss, *ctx.options)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         z_loss=0.0, chunk_size=None):
-    """cross_entropy(hidden @ weight.T, target, ...) for hidden [N, D] and weight [V, D],
-    computed chunk by chunk (chunk_size rows; chosen from N, V and D when None). A tied
-    embedding matrix works as weight: gradients reach both hidden and weight."""
+                         z_loss=0.0, chunk_size=None, memory_budget=None):
+    """cross_entropy(hidden @ weight.T, target, ...) for hidden [N, D] and weight [V, D].
+
+    When a gradient is wanted and the [N, V] gradient fits memory_budget bytes (None:
+    1/8 of a CUDA device's memory, 256 MiB elsewhere), it is formed in the forward and
+    the backward needs no second logits matmul; otherwise tokens go through chunk by
+    chunk (chunk_size rows; chosen from N, V and D when None) and the backward
+    recomputes them. A tied embedding matrix works as weight: gradients reach both."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     check_same_dtype(hidden=hidden, weight=weight)
@@ -115,18 +178,26 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
         chunk_size = default_chunk_size(n, v, d)
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None; got {chunk_size!r}")
+    if memory_budget is None:
+        memory_budget = default_memory_budget(hidden.device)
+    elif not isinstance(memory_budget, int) or memory_budget < 0:
+        raise ValueError(f"memory_budget: expected bytes as an int >= 0 or None; got {memory_budget!r}")
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    store_grad = wants_grad and n * v * hidden.element_size() <= memory_budget
     check_target_range(target, v, ignore_index)
     loss = LinearCrossEntropyFunction.apply(hidden, weight, target, ignore_index, float(label_smoothing),
-                                            float(z_loss), chunk_size)
+                                            float(z_loss), chunk_size, store_grad)
     return reduce_loss(loss, target, ignore_index, reduction, hidden.dtype)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, chunk_size=None):
+    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, chunk_size=None,
+                 memory_budget=None):
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.chunk_size = label_smoothing, z_loss, chunk_size
+        self.memory_budget = memory_budget
 
     def forward(self, hidden, weight, target):
         return linear_cross_entropy(hidden, weight, target, self.ignore_index, self.reduction, self.label_smoothing,
-                                    self.z_loss, self.chunk_size)
+                                    self.z_loss, self.chunk_size, self.memory_budget)

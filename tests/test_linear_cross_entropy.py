@@ -18,6 +18,7 @@ def check(hidden, weight, target, tol, **options):
     (loss.double() * upstream).sum().backward()
     h64, w64 = as_float64_leaf(hidden), as_float64_leaf(weight)
     options.pop("chunk_size", None)
+    options.pop("memory_budget", None)
     ref = reference.cross_entropy(h64 @ w64.T, target, **options)
     (ref * upstream).sum().backward()
     assert loss.dtype == hidden.dtype and loss.shape == ref.shape
@@ -29,26 +30,55 @@ def check(hidden, weight, target, tol, **options):
 @pytest.mark.parametrize("chunk_size", [None, 1, 7, 16, 40, 1000])
 def test_chunk_sizes_match_materialised(chunk_size):
     check(leaf((40, 48), torch.float32), leaf((500, 48), torch.float32, 0.5), targets(40, 500, ignored=(2, 9)),
-          1e-5, chunk_size=chunk_size, label_smoothing=0.1)
+          1e-5, chunk_size=chunk_size, label_smoothing=0.1, memory_budget=0)
 
 
+@pytest.mark.parametrize("budget", [None, 0], ids=["stored", "chunked"])  # the two paths
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions_and_z_loss(reduction):
+def test_reductions_and_z_loss(reduction, budget):
     check(leaf((33, 32), torch.float32), leaf((300, 32), torch.float32, 0.5), targets(33, 300, ignored=(0,)),
-          1e-5, chunk_size=10, reduction=reduction, z_loss=1e-4)
+          1e-5, chunk_size=10, reduction=reduction, z_loss=1e-4, label_smoothing=0.05, memory_budget=budget)
 
 
+@pytest.mark.parametrize("budget", [None, 0], ids=["stored", "chunked"])  # the two paths
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(dtype):
+def test_half_precision(dtype, budget):
     check(leaf((24, 64), dtype), leaf((512, 64), dtype, 0.5), targets(24, 512, ignored=(5,)), TOLERANCE[dtype],
-          chunk_size=10)
+          chunk_size=10, memory_budget=budget)
 
 
-def test_tied_embedding_gets_both_gradients():
+def test_stored_path_runs_three_matmuls_and_chunked_four():
+    """The stored gradient saves the backward's recomputation of the logits; without a
+    gradient (evaluation) nothing is stored and the forward is one matmul per chunk."""
+    from torch.profiler import profile
+
+    def matmuls(budget, grad=True):
+        hidden, weight = leaf((12, 16), torch.float32), leaf((40, 16), torch.float32)
+        with profile() as prof, torch.set_grad_enabled(grad):
+            loss = linear_cross_entropy(hidden, weight, targets(12, 40), chunk_size=12, memory_budget=budget)
+            if grad:
+                loss.backward()
+        return sum(e.name in ("aten::mm", "aten::addmm", "aten::addmm_") for e in prof.events())
+
+    assert (matmuls(None), matmuls(0), matmuls(None, grad=False)) == (3, 4, 1)
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["stored", "chunked"])
+def test_all_ignored_mean_is_nan_with_zero_gradients(budget):
+    hidden, weight = leaf((5, 16), torch.float32), leaf((30, 16), torch.float32)
+    loss = linear_cross_entropy(hidden, weight, torch.full((5,), -100, device=DEVICE), memory_budget=budget)
+    loss.backward()
+    assert torch.isnan(loss) and torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["stored", "chunked"])  # the two paths
+def test_tied_embedding_gets_both_gradients(budget):
     emb = leaf((256, 32), torch.float32)
     tokens = torch.randint(0, 256, (20,), device=DEVICE)
     target = targets(20, 256)
-    loss = linear_cross_entropy(torch.nn.functional.embedding(tokens, emb) * 2.0, emb, target, chunk_size=6)
+    loss = linear_cross_entropy(torch.nn.functional.embedding(tokens, emb) * 2.0, emb, target, chunk_size=6,
+                                memory_budget=budget)
     loss.backward()
     emb64 = as_float64_leaf(emb)
     ref = reference.cross_entropy((torch.nn.functional.embedding(tokens, emb64) * 2.0) @ emb64.T, target)
@@ -66,10 +96,12 @@ def test_default_chunk_size_bounds():
     check(leaf((n, d), torch.float32), leaf((v, d), torch.float32, 0.5), targets(n, v), 1e-5)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("budget", [None, 0], ids=["stored", "chunked"])  # the two paths
+def test_torch_compile_fullgraph(budget):
     hidden, weight = leaf((16, 32), torch.float32), leaf((200, 32), torch.float32)
     target = targets(16, 200, ignored=(3,))
-    loss = torch.compile(lambda h, w, t: linear_cross_entropy(h * 2.0, w, t, chunk_size=5, label_smoothing=0.1),
+    loss = torch.compile(lambda h, w, t: linear_cross_entropy(h * 2.0, w, t, chunk_size=5, label_smoothing=0.1,
+                                                              memory_budget=budget),
                          fullgraph=True, backend=COMPILE_BACKEND)(hidden, weight, target)
     loss.backward()
     h64, w64 = as_float64_leaf(hidden), as_float64_leaf(weight)
@@ -79,13 +111,14 @@ def test_torch_compile_fullgraph():
     assert rel_err(hidden.grad, h64.grad) < 1e-5 and rel_err(weight.grad, w64.grad) < 1e-5
 
 
-def test_deterministic():
+@pytest.mark.parametrize("budget", [None, 0], ids=["stored", "chunked"])  # the two paths
+def test_deterministic(budget):
     hidden, weight = leaf((50, 32), torch.float32), leaf((300, 32), torch.float32)
     target = targets(50, 300)
     grads = []
     for _ in range(2):
         hidden.grad = weight.grad = None
-        linear_cross_entropy(hidden, weight, target, chunk_size=8).backward()
+        linear_cross_entropy(hidden, weight, target, chunk_size=8, memory_budget=budget).backward()
         grads.append((hidden.grad.clone(), weight.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
@@ -115,6 +148,8 @@ def test_bad_inputs_get_clear_errors():
         linear_cross_entropy(hidden, weight, target, z_loss=-1e-4)
     with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
         linear_cross_entropy(hidden, weight, target, chunk_size=0)
+    with pytest.raises(ValueError, match="memory_budget: expected bytes as an int >= 0 or None; got -1"):
+        linear_cross_entropy(hidden, weight, target, memory_budget=-1)
 
 
 @pytest.mark.skipif(not CUDA, reason="peak memory is measured with the CUDA allocator")
@@ -126,7 +161,7 @@ def test_peak_memory_is_one_chunk_not_full_logits():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    linear_cross_entropy(hidden, weight, target, chunk_size=chunk).backward()
+    linear_cross_entropy(hidden, weight, target, chunk_size=chunk, memory_budget=0).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     grads = hidden.numel() * 2 + weight.numel() * (2 + 4)  # grad_hidden, grad_weight and its float32 accumulator

@@ -45,6 +45,9 @@ def test_every_kernel_and_preset_is_reported(report):
         assert groups == {"stories260K", "stories15M", "stories42M", "stories110M", "sweep"}, (op, groups)
         assert {r["pass"] for r in rows if r["op"] == op} == {"fwd", "bwd", "fwd+bwd"}
     for r in rows:
+        if (r["op"], r["pass"]) == ("linear_cross_entropy", "bwd"):  # the stored gradient: two matmuls, no kernel
+            assert not r["launches"] and r["bytes"] > 0
+            continue
         assert r["launches"], f"{r['op']} {r['pass']} {r['shape']}: no Triton launch recorded"
         for launch in r["launches"]:
             assert launch["registers"] > 0 and 0 < launch["blocks_per_sm"] <= 32 and launch["waves"] > 0
