@@ -166,12 +166,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ops, cache=None, start=0):
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim)
-        q, k = ops.rope(q, k, cos[start:start + t], sin[start:start + t], interleaved=True)
+        # q, k rotated, v: [B, T, heads, head_dim]; one [B, T, (H + 2 Hkv) D] gradient back into wqkv
+        q, k, v = ops.rope_qkv(self.wqkv(x), cos[start:start + t], sin[start:start + t], self.n_heads,
+                               self.n_kv_heads, interleaved=True)
         if cache is not None:  # [B, max_seq, kv_heads, head_dim] each, filled up to start + t
             cache[0][:b, start:start + t] = k
             cache[1][:b, start:start + t] = v

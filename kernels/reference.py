@@ -43,6 +43,14 @@ def rope(q, k, cos, sin, interleaved=True):
     return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
 
 
+def rope_qkv(qkv, cos, sin, n_heads, n_kv_heads, interleaved=True):
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+    q, k = rope(q.view(B, T, n_heads, D), k.view(B, T, n_kv_heads, D), cos, sin, interleaved)
+    return q, k, v.view(B, T, n_kv_heads, D)
+
+
 def swiglu(gate, up=None):
     if up is None:
         gate, up = gate.chunk(2, dim=-1)

@@ -14,32 +14,45 @@ from ._launch import check_device, check_float, check_same_dtype, unit_last_stri
 
 
 @triton.jit
-def _rotate_heads(X, OUT, b, t, tok, tok_mask, n_heads, stride_b, stride_t, stride_h, cos, sin, j, j_mask,
-                  HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotate_heads(X, OUT, b, t, tok, tok_mask, n_heads, stride_b, stride_t, stride_h, stride_out, cos, sin,
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr,
+                  HEADS_PACKED: tl.constexpr):
+    """Rotate every head of a block of tokens. Each head's row is read and written whole
+    and contiguous (16-byte accesses where rows are 16-byte aligned); interleaved pairs
+    are split and joined in registers. HEADS_PACKED: heads follow each other (stride D),
+    said as a constant so the compiler sees rows aligned even when D is not a multiple
+    of 16 (Triton only assumes that divisibility of integer arguments)."""
+    if HEADS_PACKED:
+        stride_h = 2 * HALF
     h = tl.arange(0, BLOCK_H)
-    mask = tok_mask[:, None, None] & (h < n_heads)[None, :, None] & j_mask[None, None, :]
+    head_mask = tok_mask[:, None, None] & (h < n_heads)[None, :, None]
     src = X + b[:, None, None] * stride_b + t[:, None, None] * stride_t + h[None, :, None] * stride_h
-    dst = OUT + tok[:, None, None] * (n_heads * 2 * HALF) + h[None, :, None] * (2 * HALF)
-    if INTERLEAVED:
-        i1 = 2 * j
-        i2 = 2 * j + 1
-    else:
-        i1 = j
-        i2 = j + HALF
-    x1 = tl.load(src + i1[None, None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + i2[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    dst = OUT + tok[:, None, None] * stride_out + h[None, :, None] * (2 * HALF)
     c = cos[:, None, :]
     s = sin[:, None, :]
-    tl.store(dst + i1[None, None, :], (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(dst + i2[None, None, :], (x1 * s + x2 * c).to(OUT.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        mask = head_mask & (d < 2 * HALF)[None, None, :]
+        x = tl.load(src + d[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [x.shape[0], BLOCK_H, BLOCK_HALF, 2]))
+        y = tl.reshape(tl.join(x1 * c - x2 * s, x1 * s + x2 * c), [x.shape[0], BLOCK_H, 2 * BLOCK_HALF])
+        tl.store(dst + d[None, None, :], y.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        j = tl.arange(0, BLOCK_HALF)
+        mask = head_mask & (j < HALF)[None, None, :]
+        x1 = tl.load(src + j[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + j[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst + j[None, None, :], (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF + j[None, None, :], (x1 * s + x2 * c).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(Q, K, COS, SIN, QO, KO, n_tokens, T, HQ, HK,
-                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, stride_cb, stride_ct,
+                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sqo, sko, ko_start, stride_cb, stride_ct,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr,
                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
+                 INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, Q_PACKED: tl.constexpr,
+                 K_PACKED: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     tok_mask = tok < n_tokens
     b = tok // T
@@ -52,21 +65,29 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, n_tokens, T, HQ, HK,
     sin = tl.load(SIN + cs, mask=cs_mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
-    _rotate_heads(Q, QO, b, t, tok, tok_mask, HQ, sq_b, sq_t, sq_h, cos, sin, j, j_mask,
-                  HALF, INTERLEAVED, BLOCK_HQ)
-    _rotate_heads(K, KO, b, t, tok, tok_mask, HK, sk_b, sk_t, sk_h, cos, sin, j, j_mask,
-                  HALF, INTERLEAVED, BLOCK_HK)
+    _rotate_heads(Q, QO, b, t, tok, tok_mask, HQ, sq_b, sq_t, sq_h, sqo, cos, sin, HALF, BLOCK_HALF, INTERLEAVED,
+                  BLOCK_HQ, Q_PACKED)
+    _rotate_heads(K, KO + ko_start, b, t, tok, tok_mask, HK, sk_b, sk_t, sk_h, sko, cos, sin, HALF, BLOCK_HALF, INTERLEAVED,
+                  BLOCK_HK, K_PACKED)
 
 
 @torch.library.custom_op("tinyfuse::rope", mutates_args=())
 def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                 inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by the angles of cos/sin (by their negatives when inverse: the backward)."""
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch_rope(q, k, cos, sin, q_out, k_out, interleaved, inverse)
+    return q_out, k_out
+
+
+def _launch_rope(q, k, cos, sin, q_out, k_out, interleaved, inverse, out_token_stride=None, k_start=0):
+    """Rotate q, k [B, T, H, D] (any token and head strides) into q_out and k_out + k_start
+    (elements), whose heads are packed: their own contiguous tensors, or (out_token_stride
+    given) both the one [B, T, (Hq + 2 Hkv) D] gradient, passed whole with k's offset."""
     q, k, cos, sin = (unit_last_stride(t) for t in (q, k, cos, sin))
     B, T, HQ, D = q.shape
     HK = k.shape[2]
-    q_out = torch.empty((B, T, HQ, D), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((B, T, HK, D), dtype=k.dtype, device=k.device)
     n_tokens = B * T
     if n_tokens > 0:
         half = D // 2
@@ -77,10 +98,10 @@ def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
         _rope_kernel[(triton.cdiv(n_tokens, tokens),)](
             q, k, cos, sin, q_out, k_out, n_tokens, T, HQ, HK,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            *_table_strides(cos),
+            out_token_stride or HQ * D, out_token_stride or HK * D, k_start, *_table_strides(cos),
             HALF=half, BLOCK_HALF=block_half, TOKENS=tokens, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-            INTERLEAVED=interleaved, INVERSE=inverse, num_warps=warps_for(tokens * per_token // 2))
-    return q_out, k_out
+            INTERLEAVED=interleaved, INVERSE=inverse, Q_PACKED=q.stride(2) == D, K_PACKED=k.stride(2) == D,
+            num_warps=warps_for(tokens * per_token // 2))
 
 
 def _table_strides(table):
@@ -109,6 +130,68 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
+@torch.library.custom_op("tinyfuse::rope_qkv_backward", mutates_args=())
+def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      interleaved: bool) -> torch.Tensor:
+    """The gradient of the fused projection's output [B, T, (Hq + 2 Hkv) D]: dq and dk rotated
+    back straight into their parts, dv copied into its part (no concatenation afterwards)."""
+    B, T, HQ, D = dq.shape
+    HK = dk.shape[2]
+    width = (HQ + 2 * HK) * D
+    dqkv = torch.empty((B, T, width), dtype=dq.dtype, device=dq.device)
+    _launch_rope(dq, dk, cos, sin, dqkv, dqkv, interleaved, True, out_token_stride=width, k_start=HQ * D)
+    dqkv[..., (HQ + HK) * D:].view(B, T, HK, D).copy_(dv)
+    return dqkv
+
+
+@rope_qkv_backward.register_fake
+def _(dq, dk, dv, cos, sin, interleaved):
+    B, T, HQ, D = dq.shape
+    return dq.new_empty((B, T, (HQ + 2 * dk.shape[2]) * D))
+
+
+class RoPEQKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_heads, n_kv_heads, interleaved):
+        q, k, v = _split_qkv(qkv, n_heads, n_kv_heads)
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        q, k = torch.ops.tinyfuse.rope(q, k, cos, sin, interleaved, False)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        if dv is None:  # v unused
+            dv = dk.new_zeros(dk.shape)
+        return torch.ops.tinyfuse.rope_qkv_backward(dq, dk, dv, cos, sin, ctx.interleaved), None, None, None, None, None
+
+
+def _split_qkv(qkv, n_heads, n_kv_heads):
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+    return q.view(B, T, n_heads, D), k.view(B, T, n_kv_heads, D), v.view(B, T, n_kv_heads, D)
+
+
+def rope_qkv(qkv, cos, sin, n_heads, n_kv_heads, interleaved=True):
+    """q, k, v [B, T, heads, D] from the fused projection's output qkv [B, T, (Hq + 2 Hkv) D],
+    q and k rotated as by `rope`. v is a view of qkv; the gradient comes back as one tensor
+    shaped like qkv, so autograd concatenates nothing before the projection's backward."""
+    check_float("qkv", qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv: expected 3 dims [batch, seq, (heads + 2 kv_heads) * head_dim]; "
+                         f"got shape {tuple(qkv.shape)}")
+    if n_heads < 1 or n_kv_heads < 1 or qkv.shape[-1] % (n_heads + 2 * n_kv_heads):
+        raise ValueError(f"qkv: last dim {qkv.shape[-1]} is not (n_heads + 2 n_kv_heads) * head_dim for "
+                         f"n_heads={n_heads}, n_kv_heads={n_kv_heads}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q, k, _ = _split_qkv(qkv, n_heads, n_kv_heads)
+    _check_rope(q, k, cos, sin)
+    return RoPEQKVFunction.apply(qkv, cos, sin, n_heads, n_kv_heads, interleaved)
+
+
 def rope(q, k, cos, sin, interleaved=True):
     """Rotate q [B, T, Hq, D] and k [B, T, Hkv, D] by the tables cos, sin: [>=T, D/2] (one
     row per position, shared by the batch) or [B or 1, >=T, D/2] (one row per token). Tables
@@ -118,6 +201,11 @@ def rope(q, k, cos, sin, interleaved=True):
     interleaved=False rotates (i, i + D/2) (Hugging Face Llama). A position
     offset is a slice of the tables: cos[offset:], sin[offset:].
     """
+    _check_rope(q, k, cos, sin)
+    return RoPEFunction.apply(q, k, cos, sin, interleaved)
+
+
+def _check_rope(q, k, cos, sin):
     check_float("q", q)
     check_float("k", k)
     check_same_dtype(q=q, k=k)
@@ -143,7 +231,6 @@ def rope(q, k, cos, sin, interleaved=True):
     if cos.shape != sin.shape:
         raise ValueError(f"sin: expected the shape of cos {tuple(cos.shape)}; got {tuple(sin.shape)}")
     check_device(q=q, k=k, cos=cos, sin=sin)
-    return RoPEFunction.apply(q, k, cos, sin, interleaved)
 
 
 def rope_tables(seq_len, head_dim, theta=10000.0, device=None):

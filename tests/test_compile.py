@@ -28,3 +28,24 @@ def test_block_compiles_with_inductor_fullgraph():
     assert rel_err(out, ref) < 1e-5
     for ours, theirs in ((x, x64), (r, r64), (w, w64)):
         assert rel_err(ours.grad, theirs.grad) < 1e-5
+
+
+def test_model_compiles_fullgraph_with_the_fused_ops():
+    """The whole Transformer (rope_qkv returning a view of its input, the packed SwiGLU,
+    the stored-gradient loss) as one graph, equal to the same model run eagerly."""
+    from helpers import COMPILE_BACKEND, TINY_MODEL
+    from tinyfuse.engine.model import ModelConfig, Transformer
+
+    config = ModelConfig.from_dict({**TINY_MODEL, "vocab_size": 64})
+    eager = Transformer(config, kernels="triton").to(DEVICE)
+    compiled = Transformer(config, kernels="triton").to(DEVICE)
+    compiled.load_state_dict(eager.state_dict())
+    tokens = torch.randint(0, 64, (2, 12), device=DEVICE)
+    targets = torch.randint(0, 64, (2, 12), device=DEVICE)
+    loss = torch.compile(compiled, fullgraph=True, backend=COMPILE_BACKEND)(tokens, targets)
+    ref = eager(tokens, targets)
+    loss.backward()
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-5
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-5, name

@@ -7,10 +7,12 @@ import pytest
 
 
 def test_public_api_names():
-    from tinyfuse.kernels import RMSNorm, SwiGLU, add_rms_norm, reference, rms_norm, rope, swiglu  # noqa: F401
+    import tinyfuse.kernels as kernels
+    from tinyfuse.kernels import RMSNorm, SwiGLU, add_rms_norm, patch_transformers, reference, rope_qkv  # noqa: F401
 
-    for name in ("rms_norm", "add_rms_norm", "rope", "swiglu"):
-        assert callable(getattr(reference, name))
+    # every op has its plain-PyTorch twin
+    for name in ("rms_norm", "add_rms_norm", "rope", "rope_qkv", "swiglu", "cross_entropy", "linear_cross_entropy"):
+        assert callable(getattr(kernels, name)) and callable(getattr(reference, name)), name
 
 
 def test_cpu_tensor_without_interpreter_points_to_reference():

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from helpers import COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
-from tinyfuse.kernels import reference, rope, rope_tables
+from tinyfuse.kernels import reference, rope, rope_qkv, rope_tables
 
 
 def check_rope(q, k, cos, sin, interleaved, dtype):
@@ -29,6 +29,42 @@ def test_rope_matches_float64(heads, kv_heads, head_dim, dtype, interleaved):
     cos, sin = rope_tables(T, head_dim, device=DEVICE)
     check_rope(leaf((B, T, heads, head_dim), dtype), leaf((B, T, kv_heads, head_dim), dtype), cos, sin,
                interleaved, dtype)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 8), (6, 6, 48), (2, 1, 64)])
+def test_rope_qkv_matches_float64(heads, kv_heads, head_dim, dtype, interleaved):
+    """The fused projection's output in, q and k rotated and v out, one gradient back."""
+    B, T = 2, 7
+    cos, sin = rope_tables(T + 2, head_dim, device=DEVICE)
+    qkv = leaf((B, T, (heads + 2 * kv_heads) * head_dim), dtype)
+    q, k, v = rope_qkv(qkv, cos, sin, heads, kv_heads, interleaved)
+    grads = [torch.randn_like(t) for t in (q, k, v)]
+    sum((t.float() * g.float()).sum() for t, g in zip((q, k, v), grads)).backward()
+    qkv64 = as_float64_leaf(qkv)
+    refs = reference.rope_qkv(qkv64, cos.double(), sin.double(), heads, kv_heads, interleaved)
+    sum((t * g.double()).sum() for t, g in zip(refs, grads)).backward()
+    assert [t.shape for t in (q, k, v)] == [(B, T, heads, head_dim), (B, T, kv_heads, head_dim)] * 1 + \
+        [(B, T, kv_heads, head_dim)] and q.dtype == dtype
+    for got, ref in zip((q, k, v), refs):
+        assert rel_err(got, ref) < TOLERANCE[dtype]
+    assert qkv.grad.shape == qkv.shape and rel_err(qkv.grad, qkv64.grad) < TOLERANCE[dtype]
+
+
+def test_rope_qkv_gradient_needs_no_concatenation_and_v_may_go_unused():
+    from torch.profiler import profile
+
+    cos, sin = rope_tables(5, 16, device=DEVICE)
+    qkv = leaf((1, 5, 4 * 16), torch.float32)
+    with profile() as prof:
+        q, k, v = rope_qkv(qkv, cos, sin, 2, 1)
+        (q.sum() + k.sum()).backward()  # v unused: its part of the gradient is zero
+    assert "tinyfuse::rope_qkv_backward" in {e.name for e in prof.events()}
+    assert "aten::cat" not in {e.name for e in prof.events()}
+    assert torch.equal(qkv.grad[..., 3 * 16:], torch.zeros_like(qkv.grad[..., 3 * 16:]))
+    with pytest.raises(ValueError, match=r"qkv: last dim 64 is not \(n_heads \+ 2 n_kv_heads\) \* head_dim"):
+        rope_qkv(qkv, cos, sin, 3, 1)
 
 
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])

@@ -17,11 +17,12 @@ import pytest
 #   weigh 34% at hidden 32768 over 2048 rows;
 # - cross_entropy forward+backward: 1.5, the backward reads the logits again (the minimum
 #   reads them once and writes the gradient once).
-MAX_RATIO = {"rms_norm": 1.35, "add_rms_norm": 1.35, "rope": 1.25, "swiglu": 1.25, "cross_entropy": 1.25}
+# rope and swiglu are held to the kernel issue's 1.05.
+MAX_RATIO = {"rms_norm": 1.35, "add_rms_norm": 1.35, "rope": 1.05, "swiglu": 1.05, "cross_entropy": 1.25}
 MAX_RATIO_PASS = {("cross_entropy", "fwd+bwd"): 1.55}
-# Memory-bound kernels must use 16-byte global accesses where rows are 16-byte aligned.
-# rope is exempt today: its pairs are read as scalar 16-bit values (the kernel issue fixes it).
-VECTOR_OPS = ("rms_norm", "add_rms_norm", "swiglu")
+# Memory-bound kernels must use 16-byte global accesses where rows are 16-byte aligned (rope
+# reads whole head rows and splits the pairs in registers; its float32 tables may be narrower).
+VECTOR_OPS = ("rms_norm", "add_rms_norm", "rope", "swiglu")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,9 @@ def test_training_step_account(report):
         # No host synchronisation in a training step: the loss and norm stay on the device,
         # the fused optimizer skips a non-finite step itself (was one a step: .tolist()).
         assert s["syncs"] == [], s["syncs"]
+    # No gradient concatenations: rope_qkv and swiglu(gate_up) write the gradients of the
+    # fused wqkv and w13 outputs as one tensor each (were two a layer).
+    assert {name: s["concats"] for name, s in steps.items() if s["concats"]} == {}
     # The deeper model launches more, and casts each weight it reads under autocast.
     assert steps["stories110M"]["launches"] > steps["stories15M"]["launches"]
     assert len(steps["stories110M"]["casts"]) > len(steps["stories15M"]["casts"]) > 0
