@@ -112,7 +112,7 @@ def test_left_padding_and_position_ids(family):
     assert_same_grads(plain, patched)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_accumulation_with_num_items_in_batch(family):
     """Two micro-batches, each loss a sum divided by the tokens of both (as the
     Trainer passes num_items_in_batch): equal to the unpatched model's."""
@@ -126,7 +126,7 @@ def test_gradient_accumulation_with_num_items_in_batch(family):
     assert_same_grads(plain, patched)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_gives_the_same_tokens(family):
     plain, patched = pair(family)
     plain.eval()
