@@ -205,14 +205,16 @@ class Block(nn.Module):
 
     def forward(self, delta, residual, cos, sin, ops, cache=None, start=0):
         """Takes the previous block's output `delta` and the residual stream before it; the
-        add and the norm are one fused op."""
+        add and the norm are one fused op. The norm weights go in as they are (float32): the
+        ops do float32 math on any weight dtype, so there is no cast forward and their
+        float32 gradient needs none backward."""
         if residual is None:
             residual = delta
-            h = ops.rms_norm(residual, self.attention_norm.to(delta.dtype), self.eps)
+            h = ops.rms_norm(residual, self.attention_norm, self.eps)
         else:
-            h, residual = ops.add_rms_norm(delta, residual, self.attention_norm.to(delta.dtype), self.eps)
+            h, residual = ops.add_rms_norm(delta, residual, self.attention_norm, self.eps)
         delta = self.attention(h, cos, sin, ops, cache, start)
-        h, residual = ops.add_rms_norm(delta, residual, self.ffn_norm.to(delta.dtype), self.eps)
+        h, residual = ops.add_rms_norm(delta, residual, self.ffn_norm, self.eps)
         return self.feed_forward(h, ops), residual
 
 
@@ -269,7 +271,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             delta, residual = layer(delta, residual, cos, sin, self.ops,
                                     None if caches is None else caches[i], start)
-        h, _ = self.ops.add_rms_norm(delta, residual, self.norm.to(dtype), self.config.norm_eps)
+        h, _ = self.ops.add_rms_norm(delta, residual, self.norm, self.config.norm_eps)
         return h
 
     def forward(self, tokens, targets=None):

@@ -55,6 +55,20 @@ def test_add_rms_norm_matches_float64(hidden, dtype):
     check_add_rms_norm(leaf((2, 19, hidden), dtype), leaf((2, 19, hidden), dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_weight_with_half_activations(dtype):
+    """The model's case: float32 master weights, half activations. The output keeps the
+    activations' dtype, the weight gradient comes back in float32 (no cast either way)."""
+    x, r, w = leaf((3, 5, 288), dtype), leaf((3, 5, 288), dtype), leaf((288,), torch.float32)
+    y, h = add_rms_norm(x, r, w)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, r64, w64 = as_float64_leaf(x), as_float64_leaf(r), as_float64_leaf(w)
+    reference.add_rms_norm(x64, r64, w64)[0].backward(dy.double())
+    assert y.dtype == dtype and w.grad.dtype == torch.float32
+    assert rel_err(w.grad, w64.grad) < TOLERANCE[dtype] and rel_err(x.grad, x64.grad) < TOLERANCE[dtype]
+
+
 def test_add_rms_norm_gradient_through_normed_output_only():
     x, r = leaf((9, 96), torch.float32), leaf((9, 96), torch.float32)
     w = leaf((96,), torch.float32)
