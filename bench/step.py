@@ -10,8 +10,8 @@ A step is what the trainer does: next batch from the C++ TokenLoader (random tok
 preset's vocabulary, 16,384 tokens a step: stories260K 32 x 512, stories15M 64 x 256,
 stories42M and stories110M 16 x 1024), forward with the fused loss, backward, gradient
 clipping, fused AdamW; the same for the Hugging Face model, which is given the loader's
-targets as shift_labels so both predict the same tokens. Tokens/s comes from the median of whole steps, each timed end to
-end (one synchronisation per step, as the trainer has); the
+targets as shift_labels so both predict the same tokens. Tokens/s comes from the median of
+whole steps, each timed end to end (one synchronisation per step, as the trainer has); the
 breakdown (data, forward, backward, optimizer; medians) from separate steps synchronised
 between phases. MFU is the engine's: tokens/s x model.flops_per_token(T) (PaLM's 6N + 12
 L H Q T, the same count for the Hugging Face rows) over the device's dense bf16 peak.
@@ -147,7 +147,7 @@ def run(device, smoke=False, presets=None, models=tuple(MODELS), progress=print)
                 progress(f"step: {name} {model_kind} kernels={kernels} compile={compile}")
                 try:
                     rows.append(measure_step(name, model_kind, kernels, compile, device, smoke, corpus))
-                except Exception as e:  # out of memory, a compile failure, no liger: recorded, the run goes on
+                except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
                     rows.append({"preset": name, "model": model_kind, "kernels": kernels, "compile": compile,
                                  "tokens_per_s": None, "error": error_text(e)})
                 torch._dynamo.reset()

@@ -49,8 +49,8 @@ def _modeling(model_type):
 
 
 def _unsupported(what):
-    names = ", ".join(prefix for prefix in FAMILIES.values())
-    return TypeError(f"patch_transformers: supported model families are {names}; got {what}")
+    return TypeError(f"patch_transformers: supported model families are {', '.join(FAMILIES.values())}; "
+                     f"got {what}")
 
 
 # ---- the forwards bound to the model's modules ----------------------------------------

@@ -159,7 +159,6 @@ class SwiGLU(torch.nn.Module):
 
     def __init__(self, dim, hidden_dim, device=None, dtype=None):
         super().__init__()
-        self.hidden_dim = hidden_dim
         self.w13 = torch.nn.Linear(dim, 2 * hidden_dim, bias=False, device=device, dtype=dtype)
         self.w2 = torch.nn.Linear(hidden_dim, dim, bias=False, device=device, dtype=dtype)
 

@@ -9,6 +9,7 @@ so both of the patched MLP's paths run. Qwen2 gets untied embeddings and q/k/v
 biases, the others tied embeddings; Qwen3 brings its q/k RMSNorms.
 """
 import copy
+import os
 import subprocess
 import sys
 
@@ -233,7 +234,7 @@ def test_patching_the_classes_patches_models_built_afterwards():
 import torch
 from tinyfuse.engine.runtime import select_backend
 select_backend()
-import sys; sys.path.insert(0, {str(__import__("os").path.dirname(__file__))!r})
+import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
 from test_patch_transformers import build, batch, rel_err, TOL
 plain = build("qwen2")
 from tinyfuse.kernels import patch_transformers
