@@ -17,7 +17,11 @@ arguments (Triton's own binder: alignment and divisibility of every argument), a
 - the bytes the op moves: every tensor argument of each launch (a buffer passed twice, or
   read and written in place, counts once) plus the inputs and outputs of every aten op that
   moves data (views and allocations move nothing), against the op's minimum byte model
-  from its benchmark file (each input read once, each output written once).
+  from its benchmark file (each input read once, each output written once). A kernel
+  marked `moves_nothing_at_unit_scale` (the loss-gradient rescaling, which touches no
+  memory when the upstream gradient is exactly 1) counts nothing: the report is the
+  cost of `loss.backward()`; with any other upstream gradient it adds one read and one
+  write of the gradient.
 
 `step_account` runs one training step of each preset the same way (bf16 autocast, a tiny
 batch) and counts, per optimizer step, the work launched, the host synchronisations (with
@@ -51,8 +55,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-# Per-SM limits: 64K registers, 64 warps, 32 blocks; shared memory per SM, less 1 KiB the
-# runtime reserves per block. Allocation: registers per warp in units of 256, warps in 4s.
+# SMs and shared memory per SM (the other per-SM limits are kernels._launch.blocks_per_sm's).
 ARCHS = {
     90: {"name": "sm_90 (H100)", "sms": 132, "smem": 228 * 1024},
     80: {"name": "sm_80 (A100)", "sms": 108, "smem": 164 * 1024},
@@ -75,7 +78,11 @@ def recorded_launches(arch=90, zero=False):
     launches = []
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, grid, args, kwargs))
+        # Kept as aliases (same storage, offset, strides): holding the tensors themselves
+        # would make autograd copy a gradient it could otherwise take as it is.
+        with _disable_current_modes():
+            kept = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        launches.append((self, grid, kept, kwargs))
         if zero:
             with _disable_current_modes(), torch.no_grad():
                 for a in args:
@@ -84,12 +91,17 @@ def recorded_launches(arch=90, zero=False):
                         torch.empty(0, dtype=a.dtype).set_(a.untyped_storage(), a.storage_offset(), a.shape,
                                                            a.stride()).zero_()
 
-    saved = jit.JITFunction.run, _launch.RECORDING_SMS
+    def resident_blocks(fn, args, kwargs):
+        usage, _, _, num_warps = compile_launch(fn, args, kwargs, arch)
+        return occupancy(usage, num_warps, arch)
+
+    saved = jit.JITFunction.run, _launch.RECORDING_SMS, _launch.RECORDING_OCCUPANCY
     jit.JITFunction.run, _launch.RECORDING, _launch.RECORDING_SMS = record, True, ARCHS[arch]["sms"]
+    _launch.RECORDING_OCCUPANCY = resident_blocks
     try:
         yield launches
     finally:
-        (jit.JITFunction.run, _launch.RECORDING_SMS), _launch.RECORDING = saved, False
+        (jit.JITFunction.run, _launch.RECORDING_SMS, _launch.RECORDING_OCCUPANCY), _launch.RECORDING = saved, False
 
 
 def _storage_key(t):
@@ -316,13 +328,9 @@ def ptx_counts(ptx):
 
 def occupancy(usage, num_warps, arch):
     """Resident blocks per SM from registers, shared memory and warps."""
-    limits = ARCHS[arch]
-    regs_per_warp = -(-max(usage.get("REG", 0), 1) * 32 // 256) * 256
-    warps_by_regs = (65536 // regs_per_warp) // 4 * 4
-    by_regs = warps_by_regs // num_warps
-    smem = usage.get("SHARED", 0)
-    by_smem = limits["smem"] // (smem + 1024) if smem else 32
-    return max(0, min(32, 64 // num_warps, by_regs, by_smem))
+    from tinyfuse.kernels._launch import blocks_per_sm
+
+    return blocks_per_sm(usage.get("REG", 0), usage.get("SHARED", 0), num_warps, ARCHS[arch]["smem"])
 
 
 def launch_row(fn, grid, args, kwargs, arch):
@@ -373,7 +381,8 @@ def measure_pass(fn, inputs, arch):
     out["bwd"] = (list(launches), list(account.ops))
     rows = {}
     for p, (launched, ops) in out.items():
-        moved = sum(distinct_bytes(list(a) + list(kw.values())) for _, _, a, kw in launched)
+        moved = sum(distinct_bytes(list(a) + list(kw.values())) for f, _, a, kw in launched
+                    if not getattr(f, "moves_nothing_at_unit_scale", False))
         moved += sum(o["bytes"] for o in ops)
         rows[p] = {"bytes": moved, "launches": [launch_row(f, g, a, kw, arch) for f, g, a, kw in launched],
                    "aten": [{"op": o["op"], "bytes": o["bytes"], "line": o["line"]} for o in ops]}

@@ -4,7 +4,6 @@ Every public op validates its arguments here before anything is launched, so a
 bad call fails with a message that names the argument instead of a Triton
 compile error or a wrong answer.
 """
-import functools
 import os
 
 import torch
@@ -114,18 +113,43 @@ def warps_for(elements):
     return int(min(16, max(4, elements // 1024)))
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+# Set by the static report while it records: blocks of a kernel resident per SM for these
+# launch arguments, found by compiling it for the architecture being reported.
+RECORDING_OCCUPANCY = None
 
 
-def reduction_programs(device, work_items):
-    """Programs for a deterministic two-stage reduction: each writes one partial,
-    the partials are summed in a fixed order afterwards. Depends on shapes only."""
+def blocks_per_sm(registers, shared_bytes, num_warps, smem_per_sm):
+    """Resident blocks per SM (sm_80/sm_90 limits: 64K registers, 64 warps, 32 blocks;
+    registers allocated per warp in units of 256 and warps in 4s; 1 KiB of shared memory
+    reserved per block)."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = ((65536 // regs_per_warp) // 4 * 4) // num_warps
+    by_smem = smem_per_sm // (shared_bytes + 1024) if shared_bytes else 32
+    return max(0, min(32, 64 // num_warps, by_regs, by_smem))
+
+
+_resident = {}
+
+
+def resident_programs(kernel, args, kwargs, device, key, max_blocks_per_sm=32):
+    """How many programs of kernel fit on the device at once (one full wave), from the
+    registers and shared memory of the binary the JIT builds for these arguments. A
+    reduction launched with this many programs writes as few partials as keep every SM
+    busy, and has no last wave. key: what, besides the device, decides the binary (the
+    constexprs and dtypes); the answer is cached under it. max_blocks_per_sm: fewer, where
+    a program's partial is large against its share of the work."""
     if device.type == "cuda":
-        cap = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if (key, index) not in _resident:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled._init_handles()  # loads the binary: n_regs is known from here
+            props = torch.cuda.get_device_properties(index)
+            blocks = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"],
+                                   props.shared_memory_per_multiprocessor)
+            _resident[key, index] = blocks, props.multi_processor_count
+        blocks, sms = _resident[key, index]
     elif RECORDING:
-        cap = 4 * RECORDING_SMS
+        blocks, sms = RECORDING_OCCUPANCY(kernel, args, kwargs), RECORDING_SMS
     else:
-        cap = 4
-    return max(1, min(cap, work_items))
+        return 4  # the interpreter: a few programs, so the multi-row loop and the partials run
+    return max(1, min(blocks, max_blocks_per_sm)) * sms

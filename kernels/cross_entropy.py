@@ -1,11 +1,14 @@
 """Cross-entropy over [N, V] logits, with label smoothing and PaLM's z-loss.
 
 Forward: one read of the logits. Each program streams one row in vocabulary
-blocks with an online softmax (a running max and a rescaled running sum per
-lane, float32), and writes the row's loss and logsumexp. Backward: one more read
-of the row and one write of its gradient, optionally into the logits buffer
-itself. Reductions ("sum", "mean") are plain torch ops on the per-row losses, so
-the count of non-ignored tokens stays on the device and nothing synchronises.
+blocks with an online softmax (a running max per row and a rescaled running sum,
+float32: one exponential per element), and writes the row's loss and logsumexp.
+For "mean" and "sum" when a gradient is wanted, the same program then reads its
+row again (from L2: a row is at most a few hundred KB) and writes the gradient,
+so the logits leave DRAM once; the backward only rescales it when its upstream
+gradient is not exactly 1, decided on the device. For "none" the backward reads
+the logits again. The count of non-ignored tokens stays on the device: nothing
+synchronises.
 
 Gradient accumulation: over micro-batches, sum `cross_entropy(..., reduction="sum")`
 and divide by the total count of non-ignored targets of the whole batch
@@ -28,23 +31,32 @@ _FLOOR = tl.constexpr(-1.0e30)  # stands in for -inf in masked lanes: exp(_FLOOR
 
 
 @triton.jit
-def _cross_entropy_forward_kernel(X, TARGET, LOSS, LSE, V, stride_x, ignore_index, label_smoothing, z_loss,
-                                  BLOCK_V: tl.constexpr):
+def _grad_block(x, cols, target, lse, p_scale, label_smoothing, V):
+    """d loss_row / d logits for one block of a row's logits x (float32): softmax (times the
+    z-loss factor) less the smoothed one-hot target."""
+    return tl.exp(x - lse) * p_scale - label_smoothing / V - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(X, TARGET, LOSS, LSE, DX, GRAD_SCALE, V, stride_x, stride_dx, ignore_index,
+                                  label_smoothing, z_loss, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    """One row: its loss and logsumexp, and with WRITE_GRAD its gradient times the device
+    scalar GRAD_SCALE, written from a second pass over the row (read again from L2).
+    The running max is one scalar per row, so each element takes one exponential a pass."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
-    m = tl.full([BLOCK_V], _FLOOR, tl.float32)
-    d = tl.zeros([BLOCK_V], tl.float32)
+    m = tl.full([], _FLOOR, tl.float32)
+    d = tl.zeros([], tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         x = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), _FLOOR)
-        m_new = tl.maximum(m, x)
-        d = d * tl.exp(m - m_new) + tl.where(mask, tl.exp(x - m_new), 0.0)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # masked lanes: exp(_FLOOR - m) = 0
         s += tl.where(mask, x, 0.0)
         m = m_new
-    row_max = tl.max(m, axis=0)
-    lse = row_max + tl.log(tl.sum(d * tl.exp(m - row_max), axis=0))
+    lse = m + tl.log(d)
     target = tl.load(TARGET + row)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
@@ -53,6 +65,18 @@ def _cross_entropy_forward_kernel(X, TARGET, LOSS, LSE, V, stride_x, ignore_inde
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, lse)
+    if WRITE_GRAD:
+        # Ignored rows get exactly 0 (even with an infinite scale: an all-ignored "mean").
+        scale = tl.where(valid, tl.load(GRAD_SCALE), 0.0)
+        scale = tl.where(valid & ~in_range, float("nan"), scale)
+        p_scale = 1.0 + 2.0 * z_loss * lse
+        dx_row = DX + row * stride_dx
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = _grad_block(x, cols, target, lse, p_scale, label_smoothing, V)
+            tl.store(dx_row + cols, (grad * scale).to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -71,20 +95,44 @@ def _cross_entropy_backward_kernel(X, TARGET, LSE, DLOSS, DX, V, stride_x, strid
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.exp(x - lse) * p_scale - label_smoothing / V - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+        grad = _grad_block(x, cols, target, lse, p_scale, label_smoothing, V)
         tl.store(dx_row + cols, (grad * scale).to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_unless_one_kernel(G, SCALE, N, V, stride_g, BLOCK_V: tl.constexpr):
+    """G *= SCALE in place, and nothing at all (no read, no write) when SCALE is exactly 1:
+    the upstream gradient of a loss's own backward(). Decided on the device: no sync."""
+    scale = tl.load(SCALE).to(tl.float32)
+    if scale != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(G + row * stride_g + cols, (g * scale).to(G.dtype.element_ty), mask=mask)
+
+
+# The static report counts no bytes for this kernel: what it moves at a unit scale.
+_scale_unless_one_kernel.moves_nothing_at_unit_scale = True
 
 
 def _block_v(v):
     return min(triton.next_power_of_2(v), 4096)
 
 
-def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse):
-    """Per-row float32 loss and logsumexp of logits [N, V] into loss and lse (launch only)."""
+def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits=None,
+                       grad_scale=None):
+    """Per-row float32 loss and logsumexp of logits [N, V] into loss and lse; with
+    grad_logits (may be logits itself) also the rows' gradient times the device scalar
+    grad_scale, in the same launch (launch only)."""
     n, v = logits.shape
+    write_grad = grad_logits is not None
     if n > 0:
-        _cross_entropy_forward_kernel[(n,)](logits, target, loss, lse, v, logits.stride(0), ignore_index,
-                                            label_smoothing, z_loss, BLOCK_V=_block_v(v), num_warps=8)
+        _cross_entropy_forward_kernel[(n,)](logits, target, loss, lse, grad_logits if write_grad else logits,
+                                            grad_scale if write_grad else lse, v, logits.stride(0),
+                                            grad_logits.stride(0) if write_grad else 0, ignore_index,
+                                            label_smoothing, z_loss, BLOCK_V=_block_v(v), WRITE_GRAD=write_grad,
+                                            num_warps=8)
 
 
 def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, grad_logits):
@@ -126,22 +174,77 @@ def _(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, gra
     return None
 
 
+@torch.library.custom_op("tinyfuse::cross_entropy_forward_grad", mutates_args=("grad_logits",))
+def cross_entropy_forward_grad(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.Tensor,
+                               ignore_index: int, label_smoothing: float, z_loss: float,
+                               grad_logits: torch.Tensor) -> torch.Tensor:
+    """Per-row float32 losses, and into grad_logits (may be logits itself) the gradient of
+    their sum times grad_scale, a float32 device scalar, in one launch."""
+    n = logits.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    cross_entropy_rows(unit_last_stride(logits), target, ignore_index, label_smoothing, z_loss, loss, lse,
+                       grad_logits, grad_scale)
+    return loss
+
+
+@cross_entropy_forward_grad.register_fake
+def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, grad_logits):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("tinyfuse::scale_gradient_", mutates_args=("grad",))
+def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad [N, V] *= scale (a device scalar) in place; no memory is touched when scale is 1."""
+    n, v = grad.shape
+    if grad.numel() > 0:
+        _scale_unless_one_kernel[(n, triton.cdiv(v, 4096))](grad, scale, n, v, grad.stride(0), BLOCK_V=4096,
+                                                           num_warps=8)
+
+
+@scale_gradient_.register_fake
+def _(grad, scale):
+    return None
+
+
 class CrossEntropyFunction(torch.autograd.Function):
+    """Returns the reduced float32 loss ("mean", "sum") or the per-row losses ("none").
+
+    "mean" and "sum" with a gradient wanted: the forward writes the gradient for an
+    upstream gradient of 1 (1/count per row for "mean", count a device tensor) from one
+    read of the logits, and the backward only rescales it, and only when the upstream
+    gradient is not exactly 1. "none", where each row has its own upstream gradient:
+    the backward reads the logits again.
+    """
+
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, inplace_backward):
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, inplace_backward, reduction):
+        ctx.stored = reduction != "none" and ctx.needs_input_grad[0]
+        if ctx.stored:
+            count = (target != ignore_index).sum()
+            scale = 1.0 / count if reduction == "mean" else torch.ones((), dtype=torch.float32, device=logits.device)
+            grad = logits if inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            loss = torch.ops.tinyfuse.cross_entropy_forward_grad(logits, target, scale.float(), ignore_index,
+                                                                 label_smoothing, z_loss, grad)
+            ctx.save_for_backward(grad)
+            return loss.sum() / count if reduction == "mean" else loss.sum()
         loss, lse = torch.ops.tinyfuse.cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(logits, target, lse)
         ctx.options = ignore_index, label_smoothing, z_loss, inplace_backward
-        return loss
+        return reduce_loss(loss, target, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.stored:
+            (grad,) = ctx.saved_tensors
+            torch.ops.tinyfuse.scale_gradient_(grad, grad_loss.float())
+            return grad, None, None, None, None, None, None
         logits, target, lse = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, inplace_backward = ctx.options
         grad = logits if inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         torch.ops.tinyfuse.cross_entropy_backward(logits, target, lse, grad_loss, ignore_index, label_smoothing,
                                                   z_loss, grad)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -174,25 +277,27 @@ def check_target_range(target, vocab, ignore_index):
                              f"got {int(target[bad][0])}")
 
 
-def reduce_loss(loss, target, ignore_index, reduction, dtype):
+def reduce_loss(loss, target, ignore_index, reduction):
     """Reduce float32 per-row losses like torch: "mean" divides by the non-ignored count (NaN when it is 0)."""
     if reduction == "none":
-        return loss.to(dtype)
+        return loss
     total = loss.sum()
-    if reduction == "mean":
-        total = total / (target != ignore_index).sum()
-    return total.to(dtype)
+    return total / (target != ignore_index).sum() if reduction == "mean" else total
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                   inplace_backward=False):
     """torch.nn.functional.cross_entropy on logits [N, V], plus z_loss * logsumexp(logits)**2 per token.
 
+    With "mean" or "sum" and logits that need a gradient, the gradient is written during
+    this call (one read of the logits in all) and the backward only scales it when its
+    upstream gradient is not exactly 1; it serves one backward pass.
+
     inplace_backward=True writes the gradient into the logits buffer instead of a new
-    [N, V] tensor. Use it only when nothing else reads these logits after the loss's
-    backward: no other loss or op consumes them, and you do not inspect them afterwards
-    (logits produced by a matmul are fine: its backward needs its inputs, not its output).
-    The logits must have a contiguous last dimension.
+    [N, V] tensor: during this call for "mean" and "sum", in the backward for "none". Use
+    it only when nothing else reads these logits afterwards: no other loss or op consumes
+    them, and you do not inspect them (logits produced by a matmul are fine: its backward
+    needs its inputs, not its output). The logits must have a contiguous last dimension.
     """
     check_float("logits", logits)
     if logits.dim() != 2:
@@ -204,8 +309,8 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
                          f"{logits.stride(-1)}")
     check_target_range(target, logits.shape[1], ignore_index)
     loss = CrossEntropyFunction.apply(logits, target, ignore_index, float(label_smoothing), float(z_loss),
-                                      inplace_backward)
-    return reduce_loss(loss, target, ignore_index, reduction, logits.dtype)
+                                      inplace_backward, reduction)
+    return loss.to(logits.dtype)
 
 
 class CrossEntropyLoss(torch.nn.Module):

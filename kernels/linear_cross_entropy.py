@@ -3,9 +3,9 @@
 Two paths, chosen by the size of the logits against a memory budget:
 
 - Stored gradient (the [N, V] tensor fits the budget and a gradient is wanted): one
-  matmul writes the logits, the cross-entropy kernel reduces them to per-row loss
-  and logsumexp, and a second kernel turns them in place into the gradient of each
-  row's loss with unit weight. The backward only scales: with g the per-row upstream
+  matmul writes the logits, and one cross-entropy launch reduces them to per-row
+  loss and logsumexp and turns them in place into the gradient of each row's loss
+  with unit weight (the second pass over a row reads it from L2). The backward only scales: with g the per-row upstream
   gradient, grad_hidden = g * (G @ weight) and grad_weight = G.T @ (g * hidden), so
   any reduction works and no matmul is repeated (3 matmuls of N*V*D, not 4).
 - Chunked (larger, or no gradient wanted): tokens go through in chunks, each
@@ -87,9 +87,8 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if store_grad:
         grad_logits = hidden @ weight.T
-        cross_entropy_rows(grad_logits, target, ignore_index, label_smoothing, z_loss, loss, lse)
-        unit = torch.ones((), dtype=torch.float32, device=hidden.device).expand(n)
-        cross_entropy_grad_rows(grad_logits, target, lse, unit, ignore_index, label_smoothing, z_loss, grad_logits)
+        unit = torch.ones((), dtype=torch.float32, device=hidden.device)
+        cross_entropy_rows(grad_logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits, unit)
         return loss, lse, grad_logits
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
@@ -187,7 +186,7 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     check_target_range(target, v, ignore_index)
     loss = LinearCrossEntropyFunction.apply(hidden, weight, target, ignore_index, float(label_smoothing),
                                             float(z_loss), chunk_size, store_grad)
-    return reduce_loss(loss, target, ignore_index, reduction, hidden.dtype)
+    return reduce_loss(loss, target, ignore_index, reduction).to(hidden.dtype)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

@@ -2,9 +2,11 @@
 
 Forward: one read of x (and the residual), one write of y (and h = x + residual),
 plus a float32 rstd per row kept for the backward. Backward: one read of dy, h
-and rstd, one write of dx; the weight gradient is reduced per program into a
-float32 partial and the partials are summed in a fixed order (no atomics), so
-gradients are bit-identical from run to run.
+and rstd, one write of dx. The weight gradient is summed by each program into its
+own float32 partial row, and the partials by a small kernel in a fixed order (no
+atomics), so gradients are bit-identical from run to run. The backward runs one
+wave of programs, sized from the compiled kernel's registers: the fewest partials
+that keep every SM busy.
 """
 from typing import Optional
 
@@ -12,60 +14,160 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (as_rows, check_device, check_float, check_hidden, check_same_dtype, reduction_programs,
+from ._launch import (as_rows, check_device, check_float, check_hidden, check_same_dtype, resident_programs,
                       row_block, warps_for)
 
 
 @triton.jit
 def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
-                             HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                             CHUNKS: tl.constexpr):
+    """y (and h = x + residual) for ROWS rows held in registers; or, CHUNKS > 1 (ROWS == 1),
+    one row too wide to hold, in two passes over CHUNKS pieces: the sum of squares (h
+    written on the way), then y from the row read again (from L2)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < M
-    col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        # h is rounded to the input dtype first: the norm sees exactly the h it returns.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = xf * rstd[:, None] * w[None, :]
-    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if CHUNKS == 1:
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+            # h is rounded to the input dtype first: the norm sees exactly the h it returns.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = xf * rstd[:, None] * w[None, :]
+        tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for chunk in range(0, CHUNKS):
+            c_cols = chunk * BLOCK_N + cols
+            mask = row_mask[:, None] & (c_cols < N)[None, :]
+            x = tl.load(X + rows64[:, None] * stride_x + c_cols[None, :], mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(R + rows64[:, None] * stride_r + c_cols[None, :], mask=mask, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
+                tl.store(H + rows64[:, None] * N + c_cols[None, :], x, mask=mask)
+            xf = x.to(tl.float32)
+            acc += xf * xf
+        rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / N + eps)
+        for chunk in range(0, CHUNKS):
+            c_cols = chunk * BLOCK_N + cols
+            mask = row_mask[:, None] & (c_cols < N)[None, :]
+            if HAS_RESIDUAL:
+                xf = tl.load(H + rows64[:, None] * N + c_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                xf = tl.load(X + rows64[:, None] * stride_x + c_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + c_cols, mask=c_cols < N, other=0.0).to(tl.float32)
+            y = xf * rstd[:, None] * w[None, :]
+            tl.store(Y + rows64[:, None] * N + c_cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows64, rstd, mask=row_mask)
 
 
 @triton.jit
 def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_dh, stride_x,
                               blocks_per_program,
-                              HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                              HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """dx for blocks_per_program consecutive blocks of ROWS rows, and the sum of their
+    weight gradients in this program's own float32 row of DW_PARTIAL.
+
+    CHUNKS == 1: a whole row fits in BLOCK_N and stays in registers; the weight gradient
+    accumulates in registers. CHUNKS > 1 (ROWS == 1): rows too wide to hold go in CHUNKS
+    pieces, twice: the first pass sums x * w * dy, the second (the row again, from L2)
+    writes dx and adds to the partial row, which no other program touches.
+    """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
+    partial = DW_PARTIAL + pid.to(tl.int64) * N
+    if CHUNKS == 1:
+        col_mask = cols < N
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # Blocks past the last row are fully masked: no bound check needed.
+        for i in range(0, blocks_per_program):
+            rows = (pid * blocks_per_program + i) * ROWS + tl.arange(0, ROWS)
+            row_mask = rows < M
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)
+            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows64, mask=row_mask, other=0.0)
+            xhat = x * rstd[:, None]
+            wdy = w[None, :] * dy
+            c = tl.sum(xhat * wdy, axis=1) / N
+            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+            if HAS_DH:
+                dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0)
+        tl.store(partial + cols, dw, mask=col_mask)
+    else:
+        for chunk in range(0, CHUNKS):
+            c_cols = chunk * BLOCK_N + cols
+            tl.store(partial + c_cols, tl.zeros([BLOCK_N], dtype=tl.float32), mask=c_cols < N)
+        for i in range(0, blocks_per_program):
+            row = pid * blocks_per_program + i
+            row_ok = row < M
+            row64 = row.to(tl.int64)
+            rstd = tl.load(RSTD + row64, mask=row_ok, other=0.0)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for chunk in range(0, CHUNKS):
+                c_cols = chunk * BLOCK_N + cols
+                mask = (c_cols < N) & row_ok
+                dy = tl.load(DY + row64 * stride_dy + c_cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row64 * stride_x + c_cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + c_cols, mask=mask, other=0.0).to(tl.float32)
+                acc += x * w * dy
+            # dx = (w dy - xhat c) rstd with xhat = x rstd and c = sum(xhat w dy) / N
+            k = tl.sum(acc, axis=0) * rstd * rstd / N
+            for chunk in range(0, CHUNKS):
+                c_cols = chunk * BLOCK_N + cols
+                mask = (c_cols < N) & row_ok
+                dy = tl.load(DY + row64 * stride_dy + c_cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row64 * stride_x + c_cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + c_cols, mask=mask, other=0.0).to(tl.float32)
+                dx = (w * dy - x * k) * rstd
+                if HAS_DH:
+                    dx += tl.load(DH + row64 * stride_dh + c_cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row64 * N + c_cols, dx.to(DX.dtype.element_ty), mask=mask)
+                p = tl.load(partial + c_cols, mask=mask, other=0.0)
+                tl.store(partial + c_cols, p + dy * x * rstd, mask=mask)
+
+
+@triton.jit
+def _rms_norm_weight_grad_kernel(DW_PARTIAL, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dw = the sum of the P float32 partial rows, in a fixed order, stored in dw's dtype."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # Blocks past the last row are fully masked: no bound check needed.
-    for i in range(0, blocks_per_program):
-        rows = (pid * blocks_per_program + i) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < M
-        mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)
-        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows64, mask=row_mask, other=0.0)
-        xhat = x * rstd[:, None]
-        wdy = w[None, :] * dy
-        c = tl.sum(xhat * wdy, axis=1) / N
-        dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-        if HAS_DH:
-            dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw += tl.sum(dy * xhat, axis=0)
-    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_mask)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        acc += tl.sum(tl.load(DW_PARTIAL + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0),
+                      axis=0)
+    tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=col_mask)
+
+
+# Widest row the kernels hold in registers; wider ones go in chunks of this width (the
+# forward spilled from 32768 wide with float32 weights, the backward from 16384).
+_WHOLE_ROW = 8192
+
+
+def _backward_tile(n):
+    """(BLOCK_N, ROWS, CHUNKS, num_warps) of the backward. Rows up to _WHOLE_ROW wide stay
+    in registers, packed ROWS to a block as in the forward, with 8 warps from 4096 wide
+    (4 warps held 32 elements of dy and x a thread there: 204 registers, 2 blocks/SM,
+    static sm_90). Wider rows: 16 warps over chunks of _WHOLE_ROW, whatever the width,
+    so registers and the program count stay flat up to hidden 65536."""
+    if n > _WHOLE_ROW:
+        return _WHOLE_ROW, 1, triton.cdiv(n, _WHOLE_ROW), 16
+    block_n, rows = row_block(n)
+    return block_n, rows, 1, max(4, min(16, block_n // 512))
 
 
 def _forward(x, residual, weight, eps):
@@ -80,10 +182,14 @@ def _forward(x, residual, weight, eps):
     else:
         r2, h = x2, y
     if m > 0:
-        block_n, rows = row_block(n)
+        if n > _WHOLE_ROW:
+            block_n, rows, chunks = _WHOLE_ROW, 1, triton.cdiv(n, _WHOLE_ROW)
+        else:
+            (block_n, rows), chunks = row_block(n), 1
         _rms_norm_forward_kernel[(triton.cdiv(m, rows),)](
             x2, r2, weight, y, h, rstd, m, n, x2.stride(0), r2.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+            HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, CHUNKS=chunks,
+            num_warps=warps_for(rows * block_n))
     return y.view(x.shape), h.view(x.shape), rstd
 
 
@@ -119,17 +225,30 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     dh2 = as_rows(dh) if dh is not None else dy2
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, rows = row_block(n)
-    programs = reduction_programs(x.device, triton.cdiv(m, rows))
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    block_n, rows, chunks, warps = _backward_tile(n)
+    blocks = triton.cdiv(m, rows)
+    # rstd (float32) stands in for the partials, and 2 for the blocks a program takes,
+    # while the binary is sized: 1 would be specialised into a different one.
+    args = [dy2, dh2, x2, weight, rstd, dx, rstd, m, n, dy2.stride(0), dh2.stride(0), x2.stride(0), 2]
+    kwargs = dict(HAS_DH=dh is not None, ROWS=rows, BLOCK_N=block_n, CHUNKS=chunks, num_warps=warps)
+    key = ("rms_norm_backward", block_n, rows, chunks, warps, dh is not None, x.dtype, weight.dtype)
+    # One wave of programs, each with an equal share of the row blocks. Chunked rows: one
+    # program an SM, as each partial row there is 32-256 KiB against a few MB of rows.
+    resident = resident_programs(_rms_norm_backward_kernel, args, kwargs, x.device, key,
+                                 max_blocks_per_sm=1 if chunks > 1 else 32)
+    programs = max(1, min(blocks, resident))
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    args[6], args[-1] = dw_partial, triton.cdiv(blocks, programs)
     if m > 0:
-        _rms_norm_backward_kernel[(programs,)](
-            dy2, dh2, x2, weight, rstd, dx, dw_partial, m, n, dy2.stride(0), dh2.stride(0), x2.stride(0),
-            triton.cdiv(triton.cdiv(m, rows), programs),
-            HAS_DH=dh is not None, ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+        _rms_norm_backward_kernel[(programs,)](*args, **kwargs)
     else:
         dw_partial.zero_()
-    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+    # 32 columns a program, one warp: N/32 programs (9 at stories15M), each reading its
+    # columns of 64 partials (8 KiB) per step, all loads 16 bytes wide.
+    _rms_norm_weight_grad_kernel[(triton.cdiv(n, 32),)](dw_partial, dw, programs, n, BLOCK_P=64, BLOCK_N=32,
+                                                          num_warps=1)
+    return dx.view(x.shape), dw
 
 
 @rms_norm_backward.register_fake

@@ -88,11 +88,40 @@ def test_inplace_backward_writes_gradient_into_logits():
     x = logits_leaf(12, 640)
     target = targets(12, 640, ignored=(0,))
     logits = x * 1.0  # a non-leaf buffer, as a matmul's output would be
-    cross_entropy(logits, target, inplace_backward=True, label_smoothing=0.1).backward()
+    loss = cross_entropy(logits, target, inplace_backward=True, label_smoothing=0.1)
+    written = logits.detach().clone()  # "mean": the gradient is already there after the forward
+    loss.backward()
+    assert torch.equal(written, x.grad)
     x64 = as_float64_leaf(x)
     F.cross_entropy(x64, target, label_smoothing=0.1).backward()
     assert rel_err(x.grad, x64.grad) < 1e-5
     assert torch.equal(logits.detach(), x.grad)  # the buffer now holds the gradient
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logits_read_once_for_mean_and_sum(reduction):
+    """"mean" and "sum" write the gradient in the forward: the backward runs only the
+    rescaling op (which moves nothing at a unit upstream gradient), never the kernel that
+    reads the logits again; "none" still needs that kernel."""
+    logits = logits_leaf(6, 512)
+    loss = cross_entropy(logits, targets(6, 512), reduction=reduction)
+    with torch.profiler.profile() as prof:
+        loss.sum().backward()
+    ran = {e.name for e in prof.events()}
+    assert ("tinyfuse::cross_entropy_backward" in ran) == (reduction == "none"), ran
+    assert ("tinyfuse::scale_gradient_" in ran) == (reduction != "none"), ran
+
+
+def test_rescaling_skips_a_unit_scale_and_scales_strided_rows():
+    buffer = torch.randn(5, 700, device=DEVICE)
+    grad = buffer[:, :600]  # rows with a stride past their width
+    grad[0, 0] = float("nan")  # a read-multiply-write would keep NaN too: compare bits of the rest
+    before = buffer.clone()
+    torch.ops.tinyfuse.scale_gradient_(grad, torch.ones((), device=DEVICE))
+    assert torch.equal(buffer.nan_to_num(), before.nan_to_num())
+    torch.ops.tinyfuse.scale_gradient_(grad, torch.full((), 2.5, device=DEVICE))
+    assert torch.equal(buffer[:, :600].nan_to_num(), (before[:, :600] * 2.5).nan_to_num())
+    assert torch.equal(buffer[:, 600:], before[:, 600:])  # past each row's width: untouched
 
 
 def test_gradient_accumulation_recipe():

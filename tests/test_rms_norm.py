@@ -44,9 +44,16 @@ def test_rms_norm_matches_float64(hidden, dtype):
     check_rms_norm(leaf((37, hidden), dtype, scale=3.0), dtype)
 
 
-@pytest.mark.parametrize("hidden", [16384])
+# Rows over 8192 wide go through the backward in chunks (two passes, the partial row in
+# memory): a ragged last chunk, an even split, and the widest supported row; 11 rows over
+# the interpreter's 4 programs leave the last program a masked row.
+@pytest.mark.parametrize("hidden", [8492, 16384, 65536])
 def test_rms_norm_large_hidden(hidden):
-    check_rms_norm(leaf((3, hidden), torch.bfloat16), torch.bfloat16)
+    check_rms_norm(leaf((11, hidden), torch.bfloat16), torch.bfloat16)
+
+
+def test_add_rms_norm_large_hidden():
+    check_add_rms_norm(leaf((11, 8492), torch.float16), leaf((11, 8492), torch.float16), torch.float16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

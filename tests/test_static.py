@@ -11,18 +11,26 @@ import subprocess
 import pytest
 
 # Bytes moved over the op's minimum byte model, at most, per pass (every preset shape and the
-# sweep). Where today's code is above the 1.25 of the static-report issue, the limit is where
-# it is and why:
-# - rms_norm/add_rms_norm backward: the float32 weight-gradient partials (4 x SMs rows of N)
-#   weigh 34% at hidden 32768 over 2048 rows;
-# - cross_entropy forward+backward: 1.5, the backward reads the logits again (the minimum
-#   reads them once and writes the gradient once).
-# rope and swiglu are held to the kernel issue's 1.05.
-MAX_RATIO = {"rms_norm": 1.35, "add_rms_norm": 1.35, "rope": 1.05, "swiglu": 1.05, "cross_entropy": 1.25}
-MAX_RATIO_PASS = {("cross_entropy", "fwd+bwd"): 1.55}
+# sweep): the kernel issue's 1.05. cross_entropy ("mean") writes its gradient in the forward,
+# so its forward is held to the whole fwd+bwd minimum and its backward moves nothing.
+# One exception, from arithmetic rather than code: the RMSNorm backward of rows wider than
+# 16384 (the sweep's 2048 x 32768) keeps one float32 partial row per SM (132 on an H100),
+# written once and read once: 2 * 132 * 4 bytes a column against 3 * 2048 * 2 of rows, 8.6%.
+MAX_RATIO = {"rms_norm": 1.05, "add_rms_norm": 1.05, "rope": 1.05, "swiglu": 1.05, "cross_entropy": 1.05}
+WIDE_ROW_BACKWARD = 16384, 1.09
+
+
+def max_ratio(row):
+    if row["op"] in ("rms_norm", "add_rms_norm") and row["pass"] != "fwd" and row["shape"][-1] > WIDE_ROW_BACKWARD[0]:
+        return WIDE_ROW_BACKWARD[1]
+    return MAX_RATIO[row["op"]]
+
+
 # Memory-bound kernels must use 16-byte global accesses where rows are 16-byte aligned (rope
 # reads whole head rows and splits the pairs in registers; its float32 tables may be narrower).
 VECTOR_OPS = ("rms_norm", "add_rms_norm", "rope", "swiglu")
+# Not memory-bound: sums the partials (read 16 bytes wide) and writes N values once.
+NOT_STREAMING = ("_rms_norm_weight_grad_kernel",)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,9 @@ def test_memory_bound_kernels_use_16_byte_accesses_on_aligned_rows(report):
     for r in report[0]["kernels"]:
         if r["op"] in VECTOR_OPS and r["shape"][-1] * 2 % 16 == 0:
             for launch in r["launches"]:
+                if launch["kernel"] in NOT_STREAMING:
+                    assert launch["global"].get("ld.128", 0) > 0 and not launch["global"].get("ld.16")
+                    continue
                 narrow = launch["global"].get("ld.16", 0) + launch["global"].get("st.16", 0)
                 if narrow:
                     scalar.append((r["op"], r["pass"], r["group"], r["shape"], narrow))
@@ -88,11 +99,13 @@ def test_memory_bound_kernels_use_16_byte_accesses_on_aligned_rows(report):
 
 
 def test_bytes_moved_against_the_minimum(report):
-    over = [(r["op"], r["pass"], r["group"], r["shape"], round(r["ratio"], 3)) for r in report[0]["kernels"]
-            if r["op"] in MAX_RATIO and r["ratio"] > MAX_RATIO_PASS.get((r["op"], r["pass"]), MAX_RATIO[r["op"]])]
+    rows = [r for r in report[0]["kernels"] if r["op"] in MAX_RATIO]
+    over = [(r["op"], r["pass"], r["group"], r["shape"], round(r["ratio"], 3)) for r in rows
+            if r["ratio"] is not None and r["ratio"] > max_ratio(r)]
     assert not over, over
-    ce = [r["ratio"] for r in report[0]["kernels"] if r["op"] == "cross_entropy" and r["pass"] == "fwd+bwd"]
-    assert min(ce) > 1.4, "cross_entropy reads its logits twice today; tighten MAX_RATIO_PASS when it no longer does"
+    # cross_entropy's backward at a unit upstream gradient: the rescaling kernel, moving nothing
+    ce_bwd = [r for r in rows if r["op"] == "cross_entropy" and r["pass"] == "bwd"]
+    assert ce_bwd and all(r["min_bytes"] == 0 and r["bytes"] < 1e-3 * r["shape"][0] * r["shape"][1] for r in ce_bwd)
 
 
 def test_training_step_account(report):
@@ -109,7 +122,7 @@ def test_training_step_account(report):
     # Launches a step at most (torch 2.13, 64 tokens): where the step work has brought them
     # (stories15M was 281 with the host sync, 294 without it, before the gradient
     # concatenations and the norm-weight casts went).
-    ceiling = {"stories260K": 232, "stories15M": 265, "stories42M": 331, "stories110M": 463}
+    ceiling = {"stories260K": 231, "stories15M": 264, "stories42M": 330, "stories110M": 462}
     assert {name: s["launches"] for name, s in steps.items() if s["launches"] > ceiling[name]} == {}
     # The deeper model launches more, and casts each weight it reads under autocast.
     assert steps["stories110M"]["launches"] > steps["stories15M"]["launches"]
