@@ -38,7 +38,9 @@ def kernel_table(rows, gpu=True):
             r = by.get(impl)
             if r is None:
                 return "–"
-            return "error" if r.get("ms") is None else f"{r['ms']:.3f}"
+            if r.get("ms") is None:
+                return "in fwd" if r.get("note") else "error"
+            return f"{r['ms']:.3f}"
 
         speed = ours.get("speedup", {})
         mem = f"{_fmt(ours.get('peak_mem_mb'), '.0f')} / {_fmt(by.get('torch', {}).get('peak_mem_mb'), '.0f')}" \

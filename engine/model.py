@@ -278,10 +278,10 @@ class Transformer(nn.Module):
         """With targets: the mean next-token loss (fused linear cross-entropy, no [N, V]
         logits). Without: the logits of every position."""
         h = self._trunk(tokens)
-        weight = self.output_weight().to(h.dtype)
         if targets is None:
-            return h @ weight.T
-        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
+            return h @ self.output_weight().to(h.dtype).T
+        # The float32 weight goes in as it is: its gradient comes back in float32.
+        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), targets.reshape(-1))
         return loss.float()
 
     def token_losses(self, tokens, targets):

@@ -109,15 +109,14 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, ta
                                   lse: torch.Tensor, grad_logits: torch.Tensor, grad_loss: torch.Tensor,
                                   ignore_index: int, label_smoothing: float, z_loss: float,
                                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of hidden and weight from the stored unit-weight gradient (when
-    grad_logits has rows) or by recomputing each chunk's logits."""
+    """Gradients of hidden (its dtype) and weight (float32) from the stored unit-weight
+    gradient (when grad_logits has rows) or by recomputing each chunk's logits."""
     n = hidden.shape[0]
     if grad_logits.shape[0] == n and n > 0:
         # Ignored rows carry a zero gradient whatever the upstream value (inf for an all-ignored "mean").
         g = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
         grad_hidden = (_mm_float32(grad_logits, weight) * g).to(hidden.dtype)
-        grad_weight = _mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype))
-        return grad_hidden, grad_weight.to(weight.dtype)
+        return grad_hidden, _mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype))
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for start in range(0, n, chunk_size):
@@ -127,29 +126,34 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, ta
                                 z_loss, logits)
         torch.mm(logits, weight, out=grad_hidden[rows])
         _accumulate_float32(grad_weight, logits.T, hidden[rows])
-    return grad_hidden, grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
 
 
 @linear_cross_entropy_backward.register_fake
 def _(hidden, weight, target, lse, grad_logits, grad_loss, ignore_index, label_smoothing, z_loss, chunk_size):
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad):
+        # Float32 master weights with half activations: the products run in hidden's dtype
+        # from one cast, and the weight's gradient comes back from its float32
+        # accumulation as it is (never rounded to half and cast back).
+        w = weight.to(hidden.dtype)
         loss, lse, grad_logits = torch.ops.tinyfuse.linear_cross_entropy_forward(
-            hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad)
-        ctx.save_for_backward(hidden, weight, target, lse, grad_logits)
+            hidden, w, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad)
+        ctx.save_for_backward(hidden, w, target, lse, grad_logits)
         ctx.options = ignore_index, label_smoothing, z_loss, chunk_size
+        ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, target, lse, grad_logits = ctx.saved_tensors
+        hidden, w, target, lse, grad_logits = ctx.saved_tensors
         grad_hidden, grad_weight = torch.ops.tinyfuse.linear_cross_entropy_backward(
-            hidden, weight, target, lse, grad_logits, grad_loss, *ctx.options)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+            hidden, w, target, lse, grad_logits, grad_loss, *ctx.options)
+        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -160,10 +164,13 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     1/8 of a CUDA device's memory, 256 MiB elsewhere), it is formed in the forward and
     the backward needs no second logits matmul; otherwise tokens go through chunk by
     chunk (chunk_size rows; chosen from N, V and D when None) and the backward
-    recomputes them. A tied embedding matrix works as weight: gradients reach both."""
+    recomputes them. A tied embedding matrix works as weight: gradients reach both.
+    weight may be float32 with half hidden (master weights): the products run in hidden's
+    dtype and the weight's gradient is returned in float32, as accumulated."""
     check_float("hidden", hidden)
     check_float("weight", weight)
-    check_same_dtype(hidden=hidden, weight=weight)
+    if weight.dtype != torch.float32:
+        check_same_dtype(hidden=hidden, weight=weight)
     if hidden.dim() != 2:
         raise ValueError(f"hidden: expected 2 dims [N, D]; got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:

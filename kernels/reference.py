@@ -88,6 +88,8 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, chunk_size=None, memory_budget=None):
-    """The materialised path: full [N, V] logits. chunk_size and memory_budget are accepted
-    for signature parity."""
-    return cross_entropy(hidden @ weight.T, target, ignore_index, reduction, label_smoothing, z_loss)
+    """The materialised path: full [N, V] logits, in hidden's dtype (a float32 weight is
+    cast, as the fused op does). chunk_size and memory_budget are accepted for signature
+    parity."""
+    return cross_entropy(hidden @ weight.to(hidden.dtype).T, target, ignore_index, reduction, label_smoothing,
+                         z_loss)

@@ -47,6 +47,18 @@ def test_half_precision(dtype, budget):
           chunk_size=10, memory_budget=budget)
 
 
+@pytest.mark.parametrize("budget", [None, 0], ids=["stored", "chunked"])  # the two paths
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_master_weight_with_half_hidden(dtype, budget):
+    """The model's case: a float32 weight and half activations. The products run in the
+    activations' dtype; the weight's gradient comes back in float32 as accumulated, not
+    rounded to half on the way (most of its values are not half-representable)."""
+    hidden, weight = leaf((24, 64), dtype), leaf((512, 64), torch.float32, 0.5)
+    check(hidden, weight, targets(24, 512, ignored=(5,)), TOLERANCE[dtype], chunk_size=10, memory_budget=budget)
+    assert weight.grad.dtype == torch.float32
+    assert (weight.grad != weight.grad.to(dtype).float()).float().mean() > 0.5
+
+
 def test_stored_path_runs_three_matmuls_and_chunked_four():
     """The stored gradient saves the backward's recomputation of the logits; without a
     gradient (evaluation) nothing is stored and the forward is one matmul per chunk."""
