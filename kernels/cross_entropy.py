@@ -120,6 +120,12 @@ def _block_v(v):
     return min(triton.next_power_of_2(v), 4096)
 
 
+def _row_warps(block_v):
+    """8 warps for 4096-wide blocks; fewer for narrower rows, so each thread keeps at least
+    8 elements (16-byte loads of 16-bit logits: at V = 512, 8 warps made them 4-byte)."""
+    return max(1, min(8, block_v // 256))
+
+
 def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits=None,
                        grad_scale=None):
     """Per-row float32 loss and logsumexp of logits [N, V] into loss and lse; with
@@ -132,7 +138,7 @@ def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, lo
                                             grad_scale if write_grad else lse, v, logits.stride(0),
                                             grad_logits.stride(0) if write_grad else 0, ignore_index,
                                             label_smoothing, z_loss, BLOCK_V=_block_v(v), WRITE_GRAD=write_grad,
-                                            num_warps=8)
+                                            num_warps=_row_warps(_block_v(v)))
 
 
 def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, grad_logits):
@@ -141,7 +147,8 @@ def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_
     if n > 0:
         _cross_entropy_backward_kernel[(n,)](logits, target, lse, grad_loss, grad_logits, v, logits.stride(0),
                                              grad_logits.stride(0), grad_loss.stride(0), ignore_index,
-                                             label_smoothing, z_loss, BLOCK_V=_block_v(v), num_warps=8)
+                                             label_smoothing, z_loss, BLOCK_V=_block_v(v),
+                                             num_warps=_row_warps(_block_v(v)))
 
 
 @torch.library.custom_op("tinyfuse::cross_entropy_forward", mutates_args=())

@@ -98,6 +98,18 @@ def test_memory_bound_kernels_use_16_byte_accesses_on_aligned_rows(report):
     assert not scalar, scalar
 
 
+def test_cross_entropy_reads_logits_16_bytes_wide(report):
+    """Its one 2-byte load a row is the target's logit; the rows themselves go 16 bytes wide
+    at every vocabulary (512 included: fewer warps there)."""
+    for r in report[0]["kernels"]:
+        if r["op"] in ("cross_entropy", "linear_cross_entropy"):
+            for launch in r["launches"]:
+                if launch["kernel"] == "_cross_entropy_forward_kernel":
+                    found = launch["global"]
+                    assert found.get("ld.128", 0) > 0 and found.get("ld.16", 0) <= 1 and not found.get("ld.32", 0) > 1, \
+                        (r["op"], r["group"], found)
+
+
 def test_bytes_moved_against_the_minimum(report):
     rows = [r for r in report[0]["kernels"] if r["op"] in MAX_RATIO]
     over = [(r["op"], r["pass"], r["group"], r["shape"], round(r["ratio"], 3)) for r in rows
