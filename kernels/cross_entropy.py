@@ -31,10 +31,20 @@ _FLOOR = tl.constexpr(-1.0e30)  # stands in for -inf in masked lanes: exp(_FLOOR
 
 
 @triton.jit
-def _grad_block(x, cols, target, lse, p_scale, label_smoothing, V):
-    """d loss_row / d logits for one block of a row's logits x (float32): softmax (times the
-    z-loss factor) less the smoothed one-hot target."""
-    return tl.exp(x - lse) * p_scale - label_smoothing / V - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+def _store_grad_row(x_row, dx_row, target, lse, upstream, ignore_index, V, label_smoothing, z_loss,
+                    BLOCK_V: tl.constexpr):
+    """One row's gradient times upstream into dx_row: softmax (times the z-loss factor) less
+    the smoothed one-hot target. Ignored rows get exactly 0, even when upstream is inf (an
+    all-ignored "mean"); an out-of-range target gets NaN."""
+    scale = tl.where(target != ignore_index, upstream, 0.0)
+    scale = tl.where((target == ignore_index) | ((target >= 0) & (target < V)), scale, float("nan"))
+    p_scale = 1.0 + 2.0 * z_loss * lse
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) * p_scale - label_smoothing / V - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+        tl.store(dx_row + cols, (grad * scale).to(dx_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -66,37 +76,16 @@ def _cross_entropy_forward_kernel(X, TARGET, LOSS, LSE, DX, GRAD_SCALE, V, strid
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
-        # Ignored rows get exactly 0 (even with an infinite scale: an all-ignored "mean").
-        scale = tl.where(valid, tl.load(GRAD_SCALE), 0.0)
-        scale = tl.where(valid & ~in_range, float("nan"), scale)
-        p_scale = 1.0 + 2.0 * z_loss * lse
-        dx_row = DX + row * stride_dx
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = _grad_block(x, cols, target, lse, p_scale, label_smoothing, V)
-            tl.store(dx_row + cols, (grad * scale).to(DX.dtype.element_ty), mask=mask)
+        _store_grad_row(x_row, DX + row * stride_dx, target, lse, tl.load(GRAD_SCALE), ignore_index, V,
+                        label_smoothing, z_loss, BLOCK_V)
 
 
 @triton.jit
 def _cross_entropy_backward_kernel(X, TARGET, LSE, DLOSS, DX, V, stride_x, stride_dx, stride_dloss, ignore_index,
                                    label_smoothing, z_loss, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    dx_row = DX + row * stride_dx
-    target = tl.load(TARGET + row)
-    lse = tl.load(LSE + row)
-    # Ignored rows get exactly 0, even when the upstream gradient is inf (an all-ignored "mean").
-    scale = tl.where(target != ignore_index, tl.load(DLOSS + row * stride_dloss), 0.0)
-    scale = tl.where((target == ignore_index) | ((target >= 0) & (target < V)), scale, float("nan"))
-    p_scale = 1.0 + 2.0 * z_loss * lse
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = _grad_block(x, cols, target, lse, p_scale, label_smoothing, V)
-        tl.store(dx_row + cols, (grad * scale).to(DX.dtype.element_ty), mask=mask)
+    _store_grad_row(X + row * stride_x, DX + row * stride_dx, tl.load(TARGET + row), tl.load(LSE + row),
+                    tl.load(DLOSS + row * stride_dloss), ignore_index, V, label_smoothing, z_loss, BLOCK_V)
 
 
 @triton.jit
@@ -133,22 +122,23 @@ def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, lo
     grad_scale, in the same launch (launch only)."""
     n, v = logits.shape
     write_grad = grad_logits is not None
+    block_v = _block_v(v)
     if n > 0:
         _cross_entropy_forward_kernel[(n,)](logits, target, loss, lse, grad_logits if write_grad else logits,
                                             grad_scale if write_grad else lse, v, logits.stride(0),
                                             grad_logits.stride(0) if write_grad else 0, ignore_index,
-                                            label_smoothing, z_loss, BLOCK_V=_block_v(v), WRITE_GRAD=write_grad,
-                                            num_warps=_row_warps(_block_v(v)))
+                                            label_smoothing, z_loss, BLOCK_V=block_v, WRITE_GRAD=write_grad,
+                                            num_warps=_row_warps(block_v))
 
 
 def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, grad_logits):
     """Gradient of the per-row losses, scaled by grad_loss [N], into grad_logits (may be logits itself)."""
     n, v = logits.shape
+    block_v = _block_v(v)
     if n > 0:
         _cross_entropy_backward_kernel[(n,)](logits, target, lse, grad_loss, grad_logits, v, logits.stride(0),
                                              grad_logits.stride(0), grad_loss.stride(0), ignore_index,
-                                             label_smoothing, z_loss, BLOCK_V=_block_v(v),
-                                             num_warps=_row_warps(_block_v(v)))
+                                             label_smoothing, z_loss, BLOCK_V=block_v, num_warps=_row_warps(block_v))
 
 
 @torch.library.custom_op("tinyfuse::cross_entropy_forward", mutates_args=())

@@ -19,6 +19,18 @@ from ._launch import (as_rows, check_device, check_float, check_hidden, check_sa
 
 
 @triton.jit
+def _load_h(X, R, H, rows64, cols, mask, N, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+    """x, or h = x + residual (written to H), for a [rows, cols] tile. h is rounded to the
+    input dtype first: the norm sees exactly the h it returns."""
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=mask)
+    return x
+
+
+@triton.jit
 def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
                              HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                              CHUNKS: tl.constexpr):
@@ -32,13 +44,7 @@ def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
     if CHUNKS == 1:
         col_mask = cols < N
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-            # h is rounded to the input dtype first: the norm sees exactly the h it returns.
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
-            tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=mask)
-        xf = x.to(tl.float32)
+        xf = _load_h(X, R, H, rows64, cols, mask, N, stride_x, stride_r, HAS_RESIDUAL).to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         y = xf * rstd[:, None] * w[None, :]
@@ -48,12 +54,7 @@ def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
         for chunk in range(0, CHUNKS):
             c_cols = chunk * BLOCK_N + cols
             mask = row_mask[:, None] & (c_cols < N)[None, :]
-            x = tl.load(X + rows64[:, None] * stride_x + c_cols[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(R + rows64[:, None] * stride_r + c_cols[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
-                tl.store(H + rows64[:, None] * N + c_cols[None, :], x, mask=mask)
-            xf = x.to(tl.float32)
+            xf = _load_h(X, R, H, rows64, c_cols, mask, N, stride_x, stride_r, HAS_RESIDUAL).to(tl.float32)
             acc += xf * xf
         rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / N + eps)
         for chunk in range(0, CHUNKS):
