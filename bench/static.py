@@ -436,7 +436,7 @@ def step_account(name, tokens=64):
                        tokenizer=None)  # the one shard serves as val too
         trainer = Trainer(TrainConfig(preset=name, data=corpus, out=os.path.join(tmp, "run"), batch_size=1,
                                       seq_len=seq, device="cpu", kernels="triton", sample_tokens=0), quiet=True)
-        trainer.autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as on a GPU
+        trainer.use_compute_dtype(torch.bfloat16)  # as on a GPU: bf16 autocast and working copies
         try:
             with recorded_launches(zero=True), Account(zero=True):  # CUDA-only ops are faked here too
                 trainer.train_step()

@@ -475,8 +475,7 @@ def _read_hf(path):
 
 # ---------------------------------------------------------------- tinyfuse checkpoints
 
-TRAINING_KEYS = ("model", "model_config", "train_config", "optimizer", "scheduler", "loader", "rng", "step",
-                 "skipped_steps")
+TRAINING_KEYS = ("model", "model_config", "train_config", "optimizer", "loader", "rng", "step", "skipped_steps")
 _CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt")
 
 

@@ -118,6 +118,28 @@ class TokenLoader(_Sampling):
             x, y = self._slots[slot].clone()
             self._impl.release(slot)
             return x, y
+        tokens = self._widened(slot)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def read_into(self, x, y):
+        """The next batch written into x and y (int64 [B, T] on the loader's device): the
+        static input buffers of a captured CUDA graph, with no tensors allocated."""
+        if x.shape != (self.batch_size, self.seq_len) or y.shape != x.shape:
+            raise ValueError(f"read_into: expected two [{self.batch_size}, {self.seq_len}] buffers; "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        slot = self._impl.acquire()
+        self.batch += 1
+        if self.device.type != "cuda":
+            x.copy_(self._slots[slot][0])
+            y.copy_(self._slots[slot][1])
+            self._impl.release(slot)
+            return
+        tokens = self._widened(slot)
+        x.copy_(tokens[:, :-1])
+        y.copy_(tokens[:, 1:])
+
+    def _widened(self, slot):
+        """The slot's raw tokens copied to the GPU (asynchronously) and widened to int64 there."""
         raw = self._slots[slot].to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -126,7 +148,7 @@ class TokenLoader(_Sampling):
         tokens = raw.to(torch.int64)
         if raw.dtype == torch.int16:
             tokens.bitwise_and_(0xFFFF)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        return tokens
 
     def _release_copied(self):
         """Hand back the slots whose copies are done. The next acquire needs the oldest slot,

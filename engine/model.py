@@ -10,6 +10,7 @@ kernels="triton" runs the fused ops of tinyfuse.kernels; kernels="torch" the sam
 from tinyfuse.kernels.reference. The residual stream runs in the compute dtype (bf16 under
 autocast), which both paths share, so they agree to that dtype's rounding.
 """
+import contextlib
 import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -17,6 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
+
+from .runtime import SDPA_BACKENDS, sdpa_backend
 
 
 def setting(default, help, choices=None):
@@ -133,6 +137,10 @@ def preset(name, **overrides):
     return ModelConfig.from_dict({**PRESETS[name], **overrides})
 
 
+# Attention: SDPA's own choice of backend, one of its backends, or the flash-attn package.
+ATTENTION = ("sdpa", *SDPA_BACKENDS, "flash-attn")
+
+
 def _ops(kernels):
     if kernels == "triton":
         import tinyfuse.kernels as ops
@@ -148,21 +156,37 @@ def default_kernels(device):
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias whose product reads `working`, a half copy of its float32
+    weight, when one is kept (Transformer.keep_working_copies): no cast kernel in the
+    forward or the backward (see tinyfuse.kernels.linear)."""
+    working = None
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        from tinyfuse.kernels.linear import linear
+
+        return linear(x, self.weight, self.working)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, attention: str):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.attention = attention
+        self.backend = sdpa_backend(attention) if attention in SDPA_BACKENDS else None
         if attention == "flash-attn":
             try:
                 from flash_attn import flash_attn_func
             except ImportError as e:
                 raise ImportError("attention='flash-attn' needs the flash-attn package: pip install -e \".[flash-attn]\"") from e
             self._flash = flash_attn_func
-        elif attention != "sdpa":
-            raise ValueError(f"attention must be 'sdpa' or 'flash-attn'; got {attention!r}")
+        elif attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
 
     def forward(self, x, cos, sin, ops, cache=None, start=0):
         b, t, _ = x.shape
@@ -177,18 +201,19 @@ class Attention(nn.Module):
             y = self._flash(q, k, v, causal=True)
         else:
             # Causal within the new tokens; a single new token attends to the whole cache.
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                is_causal=t > 1, enable_gqa=self.n_heads != self.n_kv_heads,
-            ).transpose(1, 2)
+            with sdpa_kernel(self.backend) if self.backend is not None else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    is_causal=t > 1, enable_gqa=self.n_heads != self.n_kv_heads,
+                ).transpose(1, 2)
         return self.wo(y.reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # [gate; up]
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w13 = Linear(cfg.dim, 2 * cfg.hidden_dim)  # [gate; up]
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim)
 
     def forward(self, x, ops):
         return self.w2(ops.swiglu(self.w13(x)))  # one [N, 2H] gradient back into w13
@@ -227,9 +252,11 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layers))
         self.norm = nn.Parameter(torch.ones(cfg.dim))
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size)
         self._rope = None  # float32 tables, kept out of .to(dtype)'s reach
+        self._working = None  # (copies, masters) while keep_working_copies is on
         self.reset_parameters()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_working_copies())
 
     def reset_parameters(self):
         """N(0, 0.02); the projections that write into the residual stream (wo, w2) get
@@ -244,6 +271,35 @@ class Transformer(nn.Module):
 
     def output_weight(self):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def keep_working_copies(self, dtype):
+        """Keep a `dtype` copy of every matrix that a product reads (the projections and the
+        output layer, tied or not) in one buffer, for training under autocast: the forward
+        then reads the copies and launches no weight casts. The float32 parameters stay the
+        masters the optimizer updates; refresh_working_copies() after each update (one
+        multi-tensor copy) keeps the copies equal to them, and loading a state dict
+        refreshes them too."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        masters = [m.weight for m in linears] + ([self.tok_embeddings.weight] if self.output is None else [])
+        flat = torch.empty(sum(p.numel() for p in masters), dtype=dtype, device=masters[0].device)
+        copies = list(flat.split([p.numel() for p in masters]))
+        copies = [c.view(p.shape) for c, p in zip(copies, masters)]
+        for m, c in zip(linears, copies):
+            m.working = c
+        self._working = (copies, masters)
+        self.refresh_working_copies()
+
+    @torch.no_grad()
+    def refresh_working_copies(self):
+        if self._working is not None:
+            torch._foreach_copy_(*self._working)
+
+    def _output_working_for(self, h):
+        """The output layer's working copy, when one is kept in h's dtype."""
+        if self._working is None:
+            return None
+        working = self._working[0][-1] if self.output is None else self.output.working
+        return working if working.dtype == h.dtype else None
 
     def num_params(self):
         """Parameters, the tied embedding counted once."""
@@ -281,7 +337,8 @@ class Transformer(nn.Module):
         if targets is None:
             return h @ self.output_weight().to(h.dtype).T
         # The float32 weight goes in as it is: its gradient comes back in float32.
-        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), targets.reshape(-1))
+        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), targets.reshape(-1),
+                                             working_weight=self._output_working_for(h))
         return loss.float()
 
     def token_losses(self, tokens, targets):

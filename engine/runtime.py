@@ -63,3 +63,56 @@ def mfu(tokens_per_s, flops_per_token, peak_flops):
     """Model FLOPs utilisation: achieved model FLOP/s (PaLM's per-token count, see
     Transformer.flops_per_token) over the peak; None when the peak is unknown."""
     return tokens_per_s * flops_per_token / peak_flops if peak_flops else None
+
+
+# SDPA's backends by the names --attention takes.
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_backend(name):
+    """The torch.nn.attention.SDPBackend of an --attention name."""
+    from torch.nn.attention import SDPBackend
+
+    return getattr(SDPBackend, SDPA_BACKENDS[name])
+
+
+def fastest_sdpa_backend(batch, heads, kv_heads, seq_len, head_dim, device, dtype, repeats=10):
+    """(name, {name: ms}) of SDPA's backends that run a causal forward + backward of this
+    shape on this device, fastest first (median of `repeats` after a warm-up; on CPU
+    timed the same way). Which one wins depends on the device, the shape and the versions
+    (cuDNN's is reported fastest for training on Hopper; head_dim 48 pads to 64 in
+    FlashAttention-2), so it is measured rather than assumed."""
+    import statistics
+    import time
+
+    from torch.nn.attention import sdpa_kernel
+
+    device = torch.device(device)
+    q = torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, kv_heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    grad = torch.randn_like(q)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {}
+    for name in SDPA_BACKENDS:
+        try:
+            with sdpa_kernel(sdpa_backend(name)):
+                runs = []
+                for _ in range(repeats + 1):
+                    sync()
+                    start = time.perf_counter()
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                           enable_gqa=heads != kv_heads)
+                    torch.autograd.grad(out, (q, k, v), grad)
+                    sync()
+                    runs.append((time.perf_counter() - start) * 1e3)
+        except RuntimeError:  # "No available kernel": this backend does not take this shape here
+            continue
+        times[name] = statistics.median(runs[1:])
+    times = dict(sorted(times.items(), key=lambda item: item[1]))
+    return next(iter(times)), times

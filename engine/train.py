@@ -13,7 +13,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,9 +23,10 @@ from .checkpoint import (NATIVE_KIND, checkpoint_path, load_checkpoint, load_tra
                          save_checkpoint)
 from .files import FolderLock
 from .loader import TokenLoader
-from .model import PRESETS, ModelConfig, Transformer, default_kernels, field_choices, preset, setting, settings_from_dict
+from .model import (ATTENTION, PRESETS, ModelConfig, Transformer, default_kernels, field_choices, preset, setting,
+                    settings_from_dict)
 from .progress import Progress
-from .runtime import autocast, default_device, device_peak_tflops, mfu
+from .runtime import autocast, compute_dtype, default_device, device_peak_tflops, fastest_sdpa_backend, mfu
 from .shards import max_token, read_manifest, split_shards, tokenizer_path
 
 
@@ -64,8 +64,12 @@ class TrainConfig:
     device: str | None = setting(None, "cpu, cuda or cuda:N; default: cuda when present")
     kernels: str | None = setting(None, "fused Triton kernels or the plain-PyTorch ops; default: triton on CUDA, "
                                         "torch elsewhere", choices=("triton", "torch"))
-    attention: str = setting("sdpa", "attention implementation", choices=("sdpa", "flash-attn"))
+    attention: str = setting("auto", "attention: the SDPA backend measured fastest for this shape on this GPU "
+                                     "(auto; SDPA's own choice elsewhere), SDPA's own choice (sdpa), one SDPA "
+                                     "backend, or the flash-attn package", choices=("auto", *ATTENTION))
     compile: bool = setting(False, "torch.compile the model")
+    cuda_graph: bool | None = setting(None, "capture the whole optimizer step as one CUDA graph and replay it; "
+                                            "default: on where it works (CUDA, one process)")
     threads: int | None = setting(None, "CPU threads for the math on CPU; default: every core")
     peak_tflops: float | None = setting(None, "the device's dense bf16 peak for MFU, when the table lacks it")
     sample_tokens: int = setting(200, "tokens of the story printed when training ends (0: none)")
@@ -112,6 +116,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values):
         return settings_from_dict(cls, values, "training")
+
+
+GRAPH_WARMUP = 3  # eager steps before the capture: lazy state, autotuning and compilation happen there
 
 
 def lr_at(step, cfg):
@@ -217,16 +224,22 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.model = Transformer(self.model_cfg, kernels=self.kernels, attention=cfg.attention).to(self.device)
+        self.attention = self._choose_attention()
+        self.model = Transformer(self.model_cfg, kernels=self.kernels, attention=self.attention).to(self.device)
         if init_state is not None:  # its shapes were checked against its config by load_checkpoint
             self.model.load_state_dict(init_state)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        # The learning rate lives on the device and is rewritten in place each step (lr_at on
+        # the host, one fill): a CUDA graph replays the step with the new value, and the
+        # optimizer reads it without a host round trip. capturable keeps its step counts
+        # on the device too.
+        self.lr = torch.tensor(lr_at(0, cfg), device=self.device)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True,  # one multi-tensor kernel per step, CUDA and CPU
+            lr=self.lr, betas=(cfg.beta1, cfg.beta2), fused=True,  # one multi-tensor kernel per step, CUDA and CPU
+            capturable=self.device.type == "cuda",
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
         self.train_model = self.model
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel
@@ -236,6 +249,9 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.autocast = autocast(self.device)
+        if compute_dtype(self.device) != torch.float32:
+            self.use_compute_dtype(compute_dtype(self.device))
+        self.graph, self.use_graph, self._graph_steps = None, self._graph_wanted(), 0
 
         loader_device = self.device if self.device.type == "cuda" else None
         self.train_loader = TokenLoader(self.data, "train", cfg.batch_size, self.seq_len, seed=cfg.seed,
@@ -245,7 +261,15 @@ class Trainer:
         self.val_loader = TokenLoader(self.data, "val", cfg.batch_size, self.seq_len, shuffle=False,
                                       device=loader_device)
         self.step = 0
-        # Device counters, read on logging steps only: non-finite steps in a row, and in all.
+        # What a step reads and writes lives in these tensors, updated in place, so that one
+        # captured CUDA graph can replay the step: the micro-batches (the loader copies
+        # into them), the sum of the losses since the last log line, the last gradient
+        # norm, and the counters of non-finite steps in a row and in all; the host reads
+        # them on logging steps only.
+        self.batches = torch.empty(self.micro_steps, 2, cfg.batch_size, self.seq_len, dtype=torch.int64,
+                                   device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum
@@ -277,7 +301,6 @@ class Trainer:
             "model_config": self.model_cfg.to_dict(),
             "train_config": asdict(self.cfg),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "loader": self.train_loader.state_dict(),
             "rng": _rng_state(),
             "step": self.step,
@@ -317,7 +340,8 @@ class Trainer:
                              f"{', '.join(diff)})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group in self.optimizer.param_groups:  # the saved groups carry their own lr and flags
+            group.update(lr=self.lr, capturable=self.device.type == "cuda", fused=True)
         self.train_loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
@@ -355,24 +379,65 @@ class Trainer:
         """Steps skipped for a non-finite loss or gradient norm (reads the device counter)."""
         return int(self.skipped)
 
-    def train_step(self):
-        """One optimizer step over grad_accum micro-batches, with no host synchronisation:
-        the loss and the gradient norm stay on the device (returned as tensors), the clip
-        factor reaches the fused AdamW as its grad_scale, and a step whose loss or norm is
-        not finite is skipped by the optimizer itself (found_inf: parameters and state
-        untouched). check_bad_steps() reads the counters on logging steps."""
+    def use_compute_dtype(self, dtype):
+        """Autocast to `dtype` and keep `dtype` working copies of the matrices (see
+        Transformer.keep_working_copies): what the trainer does on a GPU (bf16); the static
+        account runs the CPU this way to count a GPU step's work."""
+        self.autocast = torch.autocast(self.device.type, dtype=dtype)
+        self.model.keep_working_copies(dtype)
+
+    def _choose_attention(self):
+        """--attention auto: on CUDA, the SDPA backend measured fastest at this run's shape
+        (causal forward + backward); elsewhere SDPA's own choice."""
+        if self.cfg.attention != "auto":
+            return self.cfg.attention
+        if self.device.type != "cuda":
+            return "sdpa"
+        cfg = self.model_cfg
+        best, times = fastest_sdpa_backend(self.cfg.batch_size, cfg.n_heads, cfg.n_kv_heads, self.seq_len,
+                                           cfg.head_dim, self.device, compute_dtype(self.device))
+        self._print(f"attention: {best} (causal forward + backward, "
+                    + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()) + ")")
+        return best
+
+    def _graph_wanted(self):
+        """Whether the step is captured as a CUDA graph; a line says why not when it was asked for
+        or would be the default."""
+        wanted = self.cfg.cuda_graph
+        if wanted is False:
+            return False
+        if self.device.type != "cuda":
+            if wanted:
+                self._print("note: --cuda-graph needs a CUDA device; the step runs without one")
+            return False
+        if self.ddp:
+            self._print("note: no CUDA graph under DDP (its gradient buckets are reduced from the host); "
+                        "the step runs without one")
+            return False
+        return True
+
+    def _update(self):
+        """The optimizer step from the micro-batches in self.batches: forward and backward of
+        each, the gradient norm, the fused AdamW, the working copies and the counters. Every
+        tensor it leaves behind is updated in place, and it reads nothing from the host, so
+        it can be captured once and replayed: the loss and the gradient norm stay on the
+        device, the clip factor reaches the fused AdamW as its grad_scale, and a step whose
+        loss or norm is not finite is skipped by the optimizer itself (found_inf: parameters
+        and state untouched)."""
         model = self.train_model
         total = torch.zeros((), device=self.device)
         for micro in range(self.micro_steps):
-            x, y = next(self.train_loader)
-            if self.device.type != "cuda":
-                x, y = x.to(self.device), y.to(self.device)
+            x, y = self.batches[micro]
             sync = not self.ddp or micro == self.micro_steps - 1
             context = model.no_sync() if not sync else contextlib.nullcontext()
             with context, self.autocast:
                 loss = model(x, y) / self.micro_steps
             loss.backward()
             total += loss.detach()
+        self._finish_update(total)
+
+    def _finish_update(self, total):
+        """The part of _update after the last backward; `total` is the step's loss."""
         if self.ddp:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -383,14 +448,52 @@ class Trainer:
         # inside the optimizer's one pass instead of a pass of its own.
         self.optimizer.grad_scale = (norm / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip else None
         self.optimizer.step()
-        self.bad_run = torch.where(bad, self.bad_run + 1, 0)
+        self.model.refresh_working_copies()
+        self.bad_run.add_(1).mul_(bad)
         self.skipped += bad
+        self.loss_sum += total
+        self.grad_norm.copy_(norm)
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            self.scheduler.step()
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches, with no host synchronisation
+        (check_bad_steps() and the log read the device counters on logging steps). With
+        CUDA graphs, the first GRAPH_WARMUP steps run as they are on a side stream (lazy
+        initialisation, autotuning, compilation), the next one is captured, and every
+        later step replays it."""
+        self.lr.fill_(lr_at(self.step, self.cfg))
+        for micro in range(self.micro_steps):
+            self.train_loader.read_into(*self.batches[micro])
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.use_graph:
+            self._update()
+        elif self._graph_steps < GRAPH_WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._update()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._graph_steps += 1
+        else:
+            self._capture()
         self.step += 1
-        return total, norm
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._update()
+        except Exception as e:  # an op that cannot be captured: say so once and go on without
+            self.optimizer.zero_grad(set_to_none=True)
+            self.use_graph = False
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self._print(f"note: the step could not be captured as a CUDA graph ({type(e).__name__}: {first}); "
+                        "it runs without one (--no-cuda-graph silences this)")
+            self._update()
+            return
+        self.graph = graph
+        graph.replay()
 
     def check_bad_steps(self):
         """Stop the run when max_bad_steps steps in a row were skipped (a host read: logging
@@ -429,10 +532,9 @@ class Trainer:
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.progress = Progress(cfg.max_steps, "train", "step", initial=self.step, enabled=self.master and not self.quiet,
                                  stream=sys.stdout)
-        losses = []  # device scalars of the steps since the last log line: read only there
 
-        def mean_loss():
-            return torch.stack(losses).mean().item()
+        def mean_loss():  # of the steps since the last log line (a host read)
+            return self.loss_sum.item() / max(1, window_steps)
 
         try:
             if self.device.type == "cuda":
@@ -440,8 +542,7 @@ class Trainer:
             fit_start, fit_step = time.perf_counter(), self.step
             window_start, window_steps = time.perf_counter(), 0
             while self.step < cfg.max_steps:
-                loss, norm = self.train_step()
-                losses.append(loss)
+                self.train_step()
                 window_steps += 1
                 self.progress.update(lambda: f"loss {mean_loss():.4f}  "
                                    f"{format_rate(window_steps * self.tokens_per_step / (time.perf_counter() - window_start))} tok/s")
@@ -450,8 +551,8 @@ class Trainer:
                     self.check_bad_steps()
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_steps * self.tokens_per_step / elapsed  # steady state: steps only
-                    record = {"step": self.step, "loss": mean_loss(), "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": norm.item(), "tokens_per_s": tokens_per_s,
+                    record = {"step": self.step, "loss": mean_loss(), "lr": lr_at(self.step - 1, cfg),
+                              "grad_norm": self.grad_norm.item(), "tokens_per_s": tokens_per_s,
                               # what the user gets: evaluation and checkpoints included
                               "wall_tokens_per_s": (self.step - fit_step) * self.tokens_per_step
                               / (time.perf_counter() - fit_start),
@@ -461,10 +562,10 @@ class Trainer:
                     if self.step % cfg.eval_every == 0 or last:
                         record["val_loss"] = self.evaluate()
                     self._log(record, metrics_path)
-                    losses = []
+                    self.loss_sum.zero_()
                 if self.step % cfg.ckpt_every == 0 or last:
                     self.save()
-                if not losses:  # a log line was just written: time the next window from here
+                if self.step % cfg.log_every == 0 or last:  # time the next window from here
                     window_start, window_steps = time.perf_counter(), 0
                 if self._stop_signal is not None:
                     raise Interrupted(signal.Signals(self._stop_signal).name)

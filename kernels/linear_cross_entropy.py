@@ -24,6 +24,7 @@ import torch
 
 from . import _launch
 from ._launch import check_device, check_float, check_same_dtype
+from .linear import accumulate_float32, check_working_copy, mm_float32
 from .cross_entropy import (check_loss_options, check_target_range, cross_entropy_grad_rows, cross_entropy_rows,
                             reduce_loss)
 
@@ -49,31 +50,6 @@ def default_memory_budget(device):
     if _launch.RECORDING:
         return _launch.RECORDING_MEMORY // 8
     return 256 << 20
-
-
-def _on_tensor_cores(a):
-    """Whether a's products go through cuBLAS with a float32 output (CUDA, or recorded for one)."""
-    return a.is_cuda or _launch.RECORDING
-
-
-def _mm_float32(a, b):
-    """a @ b with a float32 result: on CUDA the product stays on the bf16/fp16 tensor cores."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if _on_tensor_cores(a):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _accumulate_float32(acc, a, b):
-    """acc += a @ b in place, acc float32; on CUDA the product stays on the bf16/fp16
-    tensor cores and cuBLAS adds it into acc (beta = 1), with no float32 temporary."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif _on_tensor_cores(a):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
 
 
 @torch.library.custom_op("tinyfuse::linear_cross_entropy_forward", mutates_args=())
@@ -115,8 +91,8 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, ta
     if grad_logits.shape[0] == n and n > 0:
         # Ignored rows carry a zero gradient whatever the upstream value (inf for an all-ignored "mean").
         g = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
-        grad_hidden = (_mm_float32(grad_logits, weight) * g).to(hidden.dtype)
-        return grad_hidden, _mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype))
+        grad_hidden = (mm_float32(grad_logits, weight) * g).to(hidden.dtype)
+        return grad_hidden, mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype))
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for start in range(0, n, chunk_size):
@@ -125,7 +101,7 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, ta
         cross_entropy_grad_rows(logits, target[rows], lse[rows], grad_loss[rows], ignore_index, label_smoothing,
                                 z_loss, logits)
         torch.mm(logits, weight, out=grad_hidden[rows])
-        _accumulate_float32(grad_weight, logits.T, hidden[rows])
+        accumulate_float32(grad_weight, logits.T, hidden[rows])
     return grad_hidden, grad_weight
 
 
@@ -136,11 +112,13 @@ def _(hidden, weight, target, lse, grad_logits, grad_loss, ignore_index, label_s
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad):
+    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad,
+                working_weight):
         # Float32 master weights with half activations: the products run in hidden's dtype
-        # from one cast, and the weight's gradient comes back from its float32
-        # accumulation as it is (never rounded to half and cast back).
-        w = weight.to(hidden.dtype)
+        # (from the caller's working copy, else from one cast), and the weight's gradient
+        # comes back from its float32 accumulation as it is (never rounded to half and
+        # cast back).
+        w = weight.to(hidden.dtype) if working_weight is None else working_weight
         loss, lse, grad_logits = torch.ops.tinyfuse.linear_cross_entropy_forward(
             hidden, w, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad)
         ctx.save_for_backward(hidden, w, target, lse, grad_logits)
@@ -153,11 +131,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         hidden, w, target, lse, grad_logits = ctx.saved_tensors
         grad_hidden, grad_weight = torch.ops.tinyfuse.linear_cross_entropy_backward(
             hidden, w, target, lse, grad_logits, grad_loss, *ctx.options)
-        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         z_loss=0.0, chunk_size=None, memory_budget=None):
+                         z_loss=0.0, chunk_size=None, memory_budget=None, working_weight=None):
     """cross_entropy(hidden @ weight.T, target, ...) for hidden [N, D] and weight [V, D].
 
     When a gradient is wanted and the [N, V] gradient fits memory_budget bytes (None:
@@ -166,11 +144,15 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     chunk (chunk_size rows; chosen from N, V and D when None) and the backward
     recomputes them. A tied embedding matrix works as weight: gradients reach both.
     weight may be float32 with half hidden (master weights): the products run in hidden's
-    dtype and the weight's gradient is returned in float32, as accumulated."""
+    dtype and the weight's gradient is returned in float32, as accumulated; working_weight,
+    a copy of that weight in hidden's dtype kept by the caller (training's working
+    copies, see tinyfuse.kernels.linear), saves casting it at every call."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dtype != torch.float32:
         check_same_dtype(hidden=hidden, weight=weight)
+    if working_weight is not None:
+        check_working_copy(working_weight, weight, hidden.dtype)
     if hidden.dim() != 2:
         raise ValueError(f"hidden: expected 2 dims [N, D]; got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -192,7 +174,7 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     store_grad = wants_grad and n * v * hidden.element_size() <= memory_budget
     check_target_range(target, v, ignore_index)
     loss = LinearCrossEntropyFunction.apply(hidden, weight, target, ignore_index, float(label_smoothing),
-                                            float(z_loss), chunk_size, store_grad)
+                                            float(z_loss), chunk_size, store_grad, working_weight)
     return reduce_loss(loss, target, ignore_index, reduction).to(hidden.dtype)
 
 

@@ -7,6 +7,7 @@ outputs come back in the input dtype, as the kernels do.
 import torch
 
 from ._launch import check_float
+from .linear import check_working_copy, linear
 
 
 def _compute_dtype(t):
@@ -60,8 +61,9 @@ def swiglu(gate, up=None):
 
 def _check_targets(target, vocab, ignore_index):
     """A clear error for out-of-range targets in eager mode (one host sync). Under
-    torch.compile it is skipped, so the loss stays one graph; the gather then catches them."""
-    if torch.compiler.is_compiling():
+    torch.compile or a CUDA graph capture it is skipped, so the loss stays one graph; the
+    gather then catches them."""
+    if torch.compiler.is_compiling() or (target.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bool(bad.any()):
@@ -87,9 +89,13 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
 
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         z_loss=0.0, chunk_size=None, memory_budget=None):
+                         z_loss=0.0, chunk_size=None, memory_budget=None, working_weight=None):
     """The materialised path: full [N, V] logits, in hidden's dtype (a float32 weight is
-    cast, as the fused op does). chunk_size and memory_budget are accepted for signature
-    parity."""
-    return cross_entropy(hidden @ weight.to(hidden.dtype).T, target, ignore_index, reduction, label_smoothing,
-                         z_loss)
+    cast, as the fused op does, or read from working_weight, its copy in hidden's dtype).
+    chunk_size and memory_budget are accepted for signature parity."""
+    if working_weight is None:
+        logits = hidden @ weight.to(hidden.dtype).T
+    else:
+        check_working_copy(working_weight, weight, hidden.dtype)
+        logits = linear(hidden, weight, working_weight)
+    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)

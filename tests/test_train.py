@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import TINY_MODEL, metrics, run_cli, tiny_run
+from helpers import TINY_MODEL, metrics, rel_err, run_cli, tiny_run
 from tinyfuse.engine import data
 from tinyfuse.engine.sample import generate, pick
 from tinyfuse.engine.runtime import device_peak_tflops
@@ -38,7 +38,7 @@ def test_loss_falls_and_run_folder(prepared, tmp_path):
     kept = sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_"))
     assert kept == ["ckpt_000018.pt", "ckpt_000024.pt", "ckpt_000030.pt", "ckpt_000036.pt", "ckpt_000040.pt"]
     state = torch.load(tmp_path / kept[-1], weights_only=False)
-    assert {"model", "optimizer", "scheduler", "loader", "rng", "model_config", "train_config", "step"} <= set(state)
+    assert {"model", "optimizer", "loader", "rng", "model_config", "train_config", "step"} <= set(state)
     assert state["step"] == 40 and state["tokenizer"][:2]
 
 
@@ -211,3 +211,88 @@ def test_clipping_through_the_optimizer_equals_clip_grad_norm(prepared, tmp_path
     a.close()
     b.close()
 
+
+
+def test_bf16_step_with_working_copies(prepared, tmp_path):
+    """The GPU's step run on the CPU: bf16 autocast and working copies. The copies equal the
+    masters after every update (a skipped one too), and the losses follow those of autocast's
+    own casts (the same bf16 forward; float32 weight gradients instead of bf16-rounded ones)."""
+    a = Trainer(tiny_run(prepared, tmp_path / "a", kernels="torch"), quiet=True)
+    b = Trainer(tiny_run(prepared, tmp_path / "b", kernels="torch"), quiet=True)
+    a.use_compute_dtype(torch.bfloat16)
+    b.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    copies, masters = a.model._working
+    start = [p.detach().clone() for p in b.model.parameters()]
+    for step in range(4):
+        a.loss_sum.zero_()
+        b.loss_sum.zero_()
+        a.train_step()
+        b.train_step()
+        assert all(torch.equal(c, m.detach().to(torch.bfloat16)) for c, m in zip(copies, masters)), step
+        assert a.loss_sum.item() == pytest.approx(b.loss_sum.item(), rel=2e-2)
+    for (name, p), q, p0 in zip(a.model.named_parameters(), b.model.parameters(), start):
+        assert rel_err(p - p0, q - p0) < 2e-2, f"{name}: the updates differ (bf16 rounding of the gradient: ~4e-3)"
+    a.close()
+    b.close()
+
+
+def test_attention_backends(prepared, tmp_path):
+    """--attention names one SDPA backend (the model runs under it) or leaves the choice to
+    SDPA; auto measures the backends that run this shape (on a GPU; here the timing itself)."""
+    from tinyfuse.engine.runtime import SDPA_BACKENDS, fastest_sdpa_backend
+
+    losses = {}
+    for attention in ("sdpa", "math", "flash", "auto"):
+        trainer = Trainer(tiny_run(prepared, tmp_path / attention, attention=attention, max_steps=2), quiet=True)
+        assert trainer.attention == ("sdpa" if attention == "auto" else attention), "auto: SDPA's choice on CPU"
+        trainer.fit()
+        losses[attention] = [r["loss"] for r in metrics(tmp_path / attention)]
+    for attention in ("math", "flash", "auto"):
+        assert losses[attention] == pytest.approx(losses["sdpa"], rel=1e-4), attention
+    best, times = fastest_sdpa_backend(2, 4, 2, 32, 8, "cpu", torch.float32, repeats=2)
+    assert best == next(iter(times)) and set(times) <= set(SDPA_BACKENDS) and "math" in times
+    assert list(times.values()) == sorted(times.values()) and min(times.values()) > 0
+    result = run_cli("train", "--attention", "fastest", "--device", "cpu")
+    assert result.returncode == 2 and "attention must be one of auto, sdpa, cudnn" in result.stderr
+
+
+def test_cuda_graph_flag_on_cpu_says_it_is_off(prepared, tmp_path, capsys):
+    trainer = Trainer(tiny_run(prepared, tmp_path, cuda_graph=True, max_steps=2))
+    assert not trainer.use_graph
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().out
+    trainer.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_step_equals_the_eager_step(prepared, tmp_path, compile):
+    """Replaying the captured step gives the losses, norms and parameters of running it
+    eagerly: the warm-up steps, the capture and the replays (with the learning rate
+    rewritten in place and the loader copying into the static batch) change nothing."""
+    runs = {}
+    for graph in (False, True):
+        out = tmp_path / f"graph{graph}"
+        trainer = Trainer(tiny_run(prepared, out, device="cuda", kernels="triton", cuda_graph=graph, compile=compile,
+                                   max_steps=10, grad_accum=2, eval_every=5), quiet=True)
+        trainer.fit()
+        assert (trainer.graph is not None) == graph
+        runs[graph] = metrics(out), {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    (a, pa), (b, pb) = runs[False], runs[True]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-4)
+    for name in pa:
+        assert torch.allclose(pa[name], pb[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_loader_reads_into_static_buffers(prepared):
+    from tinyfuse.engine.loader import TokenLoader
+
+    with TokenLoader(prepared, "train", 3, 16, seed=4) as a, TokenLoader(prepared, "train", 3, 16, seed=4) as b:
+        x, y = torch.empty(3, 16, dtype=torch.int64), torch.empty(3, 16, dtype=torch.int64)
+        for _ in range(3):
+            a.read_into(x, y)
+            ex, ey = next(b)
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+        assert a.state_dict() == b.state_dict()
+        with pytest.raises(ValueError, match=r"read_into: expected two \[3, 16\] buffers"):
+            a.read_into(x[:2], y[:2])
