@@ -21,15 +21,18 @@ SHAPES = [(32, 256), (16, 1024)]
 LOADERS = {"tinyfuse (C++)": TokenLoader, "reference (numpy)": ReferenceLoader}
 
 
-def make_corpus(folder, tokens=1 << 24, shards=4, vocab=32000, seed=0):
+def make_corpus(folder, tokens=1 << 24, shards=4, vocab=32000, seed=0, val_tokens=0):
+    """A prepared folder of random tokens: `shards` train shards and, with val_tokens, one
+    val shard (what the trainer needs)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     entries = []
     per_shard = tokens // shards
-    for i in range(shards):
-        name = f"train_{i:03d}.bin"
-        rng.integers(0, vocab, per_shard, dtype=np.uint16).tofile(os.path.join(folder, name))
-        entries.append({"file": name, "split": "train", "tokens": per_shard, "stories": 0})
+    sizes = [("train", i, per_shard) for i in range(shards)] + ([("val", 0, val_tokens)] if val_tokens else [])
+    for split, i, count in sizes:
+        name = f"{split}_{i:03d}.bin"
+        rng.integers(0, vocab, count, dtype=np.uint16).tofile(os.path.join(folder, name))
+        entries.append({"file": name, "split": split, "tokens": count, "stories": 0})
     write_manifest(folder, entries, vocab, 1, 2, "random tokens", tokenizer=None)
     return folder
 

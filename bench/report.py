@@ -58,10 +58,11 @@ def kernel_table(rows, gpu=True):
 def step_table(rows):
     """The breakdown comes from separate steps synchronised between phases; "sum" is the
     phases' total over the whole-step median (above 100%: the synchronisations' own cost)."""
-    lines = ["| preset | model | kernels | compile | tokens/s | MFU | peak GB | step ms | data | forward | backward "
-             "| optimizer | sum |", "|" + "---|" * 13]
+    lines = ["| preset | model | kernels | compile | CUDA graph | tokens/s | MFU | peak GB | step ms | data | forward "
+             "| backward | optimizer | sum |", "|" + "---|" * 14]
     for r in rows:
-        head = f"| {r['preset']} | {r.get('model', 'tinyfuse')} | {r['kernels']} | {r['compile']} |"
+        head = f"| {r['preset']} | {r.get('model', 'tinyfuse')} | {r['kernels']} | {r['compile']} | " \
+               f"{'yes' if r.get('cuda_graph') else 'no'} |"
         if r.get("tokens_per_s") is None:
             lines.append(f"{head} error: {r.get('error', '')} ||||||||")
             continue
@@ -171,7 +172,7 @@ def plots(results, out_dir):
 
 
 def _step_config(row):
-    return row.get("model", "tinyfuse"), row["kernels"], row["compile"]
+    return row.get("model", "tinyfuse"), row["kernels"], row["compile"], bool(row.get("cuda_graph"))
 
 
 def write(results, out_dir):
@@ -196,7 +197,8 @@ def _indexed(results):
     for r in results.get("step", []):
         if r.get("tokens_per_s"):
             model = "" if r.get("model", "tinyfuse") == "tinyfuse" else f" {r['model']}"
-            out[("step", f"{r['preset']}{model} kernels={r['kernels']} compile={r['compile']}")] = \
+            graph = " graph" if r.get("cuda_graph") else ""
+            out[("step", f"{r['preset']}{model} kernels={r['kernels']} compile={r['compile']}{graph}")] = \
                 (1.0 / r["tokens_per_s"], r.get("noise", 0.0))
     for r in results.get("loader", []):
         out[("loader", f"{r['impl']} {r['batch_size']}x{r['seq_len']}")] = (1.0 / r["tokens_per_s"], r.get("noise", 0.0))

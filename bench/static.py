@@ -422,7 +422,6 @@ def step_account(name, tokens=64):
     launches, host syncs, casts, concatenations and bytes allocated. The second step is
     counted (the first creates the optimizer's state)."""
     from tinyfuse.engine.model import preset
-    from tinyfuse.engine.shards import read_manifest, write_manifest
     from tinyfuse.engine.train import TrainConfig, Trainer
 
     from .loader import make_corpus
@@ -430,10 +429,8 @@ def step_account(name, tokens=64):
     cfg = preset(name)
     seq = min(cfg.max_seq_len, tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = make_corpus(os.path.join(tmp, "data"), tokens=1 << 16, shards=1, vocab=cfg.vocab_size)
-        train = read_manifest(corpus)["shards"]
-        write_manifest(corpus, train + [{**train[0], "split": "val"}], cfg.vocab_size, 1, 2, "random tokens",
-                       tokenizer=None)  # the one shard serves as val too
+        corpus = make_corpus(os.path.join(tmp, "data"), tokens=1 << 16, shards=1, vocab=cfg.vocab_size,
+                             val_tokens=1 << 12)
         trainer = Trainer(TrainConfig(preset=name, data=corpus, out=os.path.join(tmp, "run"), batch_size=1,
                                       seq_len=seq, device="cpu", kernels="triton", sample_tokens=0), quiet=True)
         trainer.use_compute_dtype(torch.bfloat16)  # as on a GPU: bf16 autocast and working copies

@@ -6,15 +6,19 @@ Liger-Kernel's apply_liger_kernel_to_llama when liger_kernel imports.
 
     python -m tinyfuse.bench.step [--smoke] [--presets stories15M ...] [--json FILE]
 
-A step is what the trainer does: next batch from the C++ TokenLoader (random tokens of the
-preset's vocabulary, 16,384 tokens a step: stories260K 32 x 512, stories15M 64 x 256,
-stories42M and stories110M 16 x 1024), forward with the fused loss, backward, gradient
-clipping, fused AdamW; the same for the Hugging Face model, which is given the loader's
-targets as shift_labels so both predict the same tokens. Tokens/s comes from the median of
-whole steps, each timed end to end (one synchronisation per step, as the trainer has); the
-breakdown (data, forward, backward, optimizer; medians) from separate steps synchronised
-between phases. MFU is the engine's: tokens/s x model.flops_per_token(T) (PaLM's 6N + 12
-L H Q T, the same count for the Hugging Face rows) over the device's dense bf16 peak.
+The tinyfuse rows time the trainer's own step (Trainer.train_step: the C++ TokenLoader
+copying into the static batch, forward with the fused loss, backward, clipping inside the
+fused AdamW, the bf16 working copies; on CUDA captured as one CUDA graph, and one row
+without the graph to show what it buys), with the trainer's attention choice. The Hugging
+Face rows run the usual loop on the same loader (random tokens of the preset's
+vocabulary, 16,384 tokens a step: stories260K 32 x 512, stories15M 64 x 256, stories42M
+and stories110M 16 x 1024): forward with the loader's targets as shift_labels (so both
+predict the same tokens), backward, clip_grad_norm_, fused AdamW. Tokens/s comes from the
+median of whole steps, each timed end to end (one synchronisation per step); the
+breakdown (data, forward, backward, optimizer; medians) from separate eager steps
+synchronised between phases (for tinyfuse the trainer's phases, run without the graph).
+MFU is the engine's: tokens/s x model.flops_per_token(T) (PaLM's 6N + 12 L H Q T, the same
+count for the Hugging Face rows) over the device's dense bf16 peak.
 """
 import argparse
 import json
@@ -28,6 +32,7 @@ import torch
 from tinyfuse.engine.loader import TokenLoader
 from tinyfuse.engine.model import PRESETS, Transformer, preset
 from tinyfuse.engine.runtime import autocast, device_peak_tflops, mfu
+from tinyfuse.engine.train import TrainConfig, Trainer
 
 from .kernels import STEP_TOKENS
 from .loader import make_corpus
@@ -62,23 +67,39 @@ def hf_model(cfg, patch):
     return model
 
 
-def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir):
-    cuda = torch.device(device).type == "cuda"
-    cfg = preset(name)
-    seq_len = 16 if smoke else cfg.max_seq_len
-    batch = 1 if smoke else STEP_TOKENS // seq_len
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        flops_per_token = Transformer(cfg).flops_per_token(seq_len)
-    if model_kind == "tinyfuse":
-        model = Transformer(cfg, kernels=kernels).to(device)
-        loss_of = model
-    else:
-        model = hf_model(cfg, kernels).to(device).train()
+def _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus_dir, run_dir):
+    """(trainer, step(times=None)): the trainer's step, and its phases timed one by one."""
+    trainer = Trainer(TrainConfig(preset=name, data=corpus_dir, out=run_dir, batch_size=batch, seq_len=seq_len,
+                                  device=device, kernels=kernels, compile=compile, cuda_graph=graph, lr=1e-4,
+                                  warmup_steps=0, max_steps=1 << 30, sample_tokens=0), quiet=True)
 
-        def loss_of(x, y):
-            return model(input_ids=x, labels=y, shift_labels=y).loss
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    def step(times=None):
+        if times is None:
+            return trainer.train_step()
+        t0 = _now(device)
+        x, y = trainer.batches[0]
+        trainer.train_loader.read_into(x, y)
+        t1 = _now(device)
+        with trainer.autocast:
+            loss = trainer.train_model(x, y)
+        t2 = _now(device)
+        loss.backward()
+        t3 = _now(device)
+        trainer.finish_update(loss.detach())
+        t4 = _now(device)
+        for key, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4)):
+            times[key].append((b - a) * 1e3)
+    return trainer, step
+
+
+def _hf_step(cfg, patch, compile, device, batch, seq_len, corpus_dir):
+    """(loader, step(times=None)): the usual loop around LlamaForCausalLM."""
+    cuda = torch.device(device).type == "cuda"
+    model = hf_model(cfg, patch).to(device).train()
+
+    def loss_of(x, y):
+        return model(input_ids=x, labels=y, shift_labels=y).loss
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     forward = torch.compile(loss_of, backend="inductor" if cuda else "aot_eager") if compile else loss_of
     loader = TokenLoader(corpus_dir, "train", batch, seq_len, seed=0, device=device if cuda else None)
 
@@ -99,41 +120,65 @@ def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir):
             t4 = _now(device)
             for key, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4)):
                 times[key].append((b - a) * 1e3)
+    return loader, step
 
-    warmup, timed, instrumented = (2, 1, 1) if smoke else (5, 20, 10)  # compile: a second call recompiles
-    try:
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        step_ms = []
-        for _ in range(timed):
-            start = _now(device)
-            step()
-            step_ms.append((_now(device) - start) * 1e3)
-        times = {"data": [], "forward": [], "backward": [], "optimizer": []}
-        for _ in range(instrumented):
-            step(times)
-    finally:
-        loader.close()
+
+def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, graph=None):
+    """One row: graph (tinyfuse only) None is the trainer's default (a CUDA graph on CUDA)."""
+    cuda = torch.device(device).type == "cuda"
+    cfg = preset(name)
+    seq_len = 16 if smoke else cfg.max_seq_len
+    batch = 1 if smoke else STEP_TOKENS // seq_len
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        flops_per_token = Transformer(cfg).flops_per_token(seq_len)
+    with tempfile.TemporaryDirectory() as run_dir:
+        if model_kind == "tinyfuse":
+            owner, step = _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus_dir, run_dir)
+            graphed = owner.use_graph
+        else:
+            owner, step = _hf_step(cfg, kernels, compile, device, batch, seq_len, corpus_dir)
+            graphed = False
+        # compile: a second call recompiles; a CUDA graph: three warm-up steps, then the capture
+        warmup, timed, instrumented = (2, 1, 1) if smoke else (6, 20, 10)
+        try:
+            for _ in range(warmup):
+                step()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            step_ms = []
+            for _ in range(timed):
+                start = _now(device)
+                step()
+                step_ms.append((_now(device) - start) * 1e3)
+            times = {"data": [], "forward": [], "backward": [], "optimizer": []}
+            for _ in range(instrumented):
+                step(times)
+        finally:
+            owner.close()
     median = statistics.median(step_ms)
     quartiles = statistics.quantiles(step_ms, n=4) if len(step_ms) > 1 else [median] * 3
     tokens_per_s = batch * seq_len / (median / 1e3)
     peak = device_peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
-    return {"preset": name, "model": model_kind, "kernels": kernels, "compile": compile, "batch_size": batch,
-            "seq_len": seq_len,
+    return {"preset": name, "model": model_kind, "kernels": kernels, "compile": compile, "cuda_graph": graphed,
+            "batch_size": batch, "seq_len": seq_len,
             "step_ms": median, "noise": (quartiles[2] - quartiles[0]) / median, "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s, flops_per_token, peak * 1e12 if peak else None),
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "breakdown": {key: statistics.median(v) for key, v in times.items()}}
 
 
-def combinations(models=tuple(MODELS)):
-    """(model, kernels, compile) of every row: each model's kernel choices, eager and compiled;
-    the Liger rows only where liger_kernel imports and runs (CUDA; the suite notes its absence)."""
+def combinations(models=tuple(MODELS), cuda=False):
+    """(model, kernels, compile, graph) of every row: each model's kernel choices, eager and
+    compiled (tinyfuse with its default: a CUDA graph on CUDA), plus on CUDA tinyfuse triton
+    eager without the graph; the Liger rows only where liger_kernel imports and runs (CUDA;
+    the suite notes its absence)."""
     from .kernels import liger
 
-    return [(m, k, c) for m in models for k in MODELS[m] for c in (False, True) if k != "liger" or liger()]
+    rows = [(m, k, c, None) for m in models for k in MODELS[m] for c in (False, True) if k != "liger" or liger()]
+    if cuda and "tinyfuse" in models:
+        rows.insert(1, ("tinyfuse", "triton", False, False))
+    return rows
 
 
 def run(device, smoke=False, presets=None, models=tuple(MODELS), progress=print):
@@ -142,14 +187,15 @@ def run(device, smoke=False, presets=None, models=tuple(MODELS), progress=print)
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
             corpus = make_corpus(os.path.join(tmp, name), tokens=1 << (16 if smoke else 24),
-                                 vocab=preset(name).vocab_size)
-            for model_kind, kernels, compile in combinations(models):
-                progress(f"step: {name} {model_kind} kernels={kernels} compile={compile}")
+                                 vocab=preset(name).vocab_size, val_tokens=1 << 14)
+            for model_kind, kernels, compile, graph in combinations(models, torch.device(device).type == "cuda"):
+                progress(f"step: {name} {model_kind} kernels={kernels} compile={compile}"
+                         + (" cuda_graph=False" if graph is False else ""))
                 try:
-                    rows.append(measure_step(name, model_kind, kernels, compile, device, smoke, corpus))
+                    rows.append(measure_step(name, model_kind, kernels, compile, device, smoke, corpus, graph))
                 except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
                     rows.append({"preset": name, "model": model_kind, "kernels": kernels, "compile": compile,
-                                 "tokens_per_s": None, "error": error_text(e)})
+                                 "cuda_graph": graph, "tokens_per_s": None, "error": error_text(e)})
                 torch._dynamo.reset()
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()

@@ -434,10 +434,11 @@ class Trainer:
                 loss = model(x, y) / self.micro_steps
             loss.backward()
             total += loss.detach()
-        self._finish_update(total)
+        self.finish_update(total)
 
-    def _finish_update(self, total):
-        """The part of _update after the last backward; `total` is the step's loss."""
+    def finish_update(self, total):
+        """The part of the step after the last backward (`total`: the step's loss): what the
+        step benchmark times as its optimizer phase."""
         if self.ddp:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -28,6 +28,7 @@ COMMANDS = {
     "tinyfuse train --out runs/15m --resume": (["--max-steps", "4"], {}),
     'tinyfuse sample --checkpoint runs/15m --prompt "Once upon a time" --temperature 0.8':
         (["--max-new-tokens", "8"], {}),
+    "tinyfuse train --preset stories110M --data data/ts --batch-size 16 --compile --out runs/110m": (TINY, {}),
     "torchrun --standalone --nproc-per-node 8 -m tinyfuse.engine train --data data/ts --grad-accum 8 --out runs/ddp":
         (TINY, {"--nproc-per-node 8": "--nproc-per-node 2", "--grad-accum 8": "--grad-accum 2"}),
     "tinyfuse sample --checkpoint stories260K.bin --tokenizer tok512.model --temperature 0":
