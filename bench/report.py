@@ -153,9 +153,10 @@ def plots(results, out_dir):
         for i, config in enumerate(configs):
             values = [next((r["tokens_per_s"] for r in steps if (r["preset"], _step_config(r)) == (p, config)), 0)
                       for p in presets]
-            model, kernels, comp = config
+            model, kernels, comp, graph = config
             ax.bar([j + i * width for j in range(len(presets))], values, width,
-                   label=f"{'HF ' if model == 'transformers' else ''}{kernels}{' + compile' if comp else ''}")
+                   label=f"{'HF ' if model == 'transformers' else ''}{kernels}{' + compile' if comp else ''}"
+                         f"{' + graph' if graph else ''}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(presets))], presets)
         ax.set_yscale("log")
         ax.set_ylabel("tokens/s")

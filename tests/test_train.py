@@ -273,6 +273,7 @@ def test_cuda_graph_step_equals_the_eager_step(prepared, tmp_path, compile):
     for graph in (False, True):
         out = tmp_path / f"graph{graph}"
         trainer = Trainer(tiny_run(prepared, out, device="cuda", kernels="triton", cuda_graph=graph, compile=compile,
+                                   attention="sdpa",  # the same backend in both runs (auto measures)
                                    max_steps=10, grad_accum=2, eval_every=5), quiet=True)
         trainer.fit()
         assert (trainer.graph is not None) == graph
