@@ -67,6 +67,15 @@ def hf_model(cfg, patch):
     return model
 
 
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def _record_phases(times, marks):
+    """Append each phase's ms to times; marks: the synchronised clock readings around them."""
+    for key, a, b in zip(PHASES, marks, marks[1:]):
+        times[key].append((b - a) * 1e3)
+
+
 def _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus_dir, run_dir):
     """(trainer, step(times=None)): the trainer's step, and its phases timed one by one."""
     trainer = Trainer(TrainConfig(preset=name, data=corpus_dir, out=run_dir, batch_size=batch, seq_len=seq_len,
@@ -76,19 +85,18 @@ def _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus
     def step(times=None):
         if times is None:
             return trainer.train_step()
-        t0 = _now(device)
+        marks = [_now(device)]
         x, y = trainer.batches[0]
         trainer.train_loader.read_into(x, y)
-        t1 = _now(device)
+        marks.append(_now(device))
         with trainer.autocast:
             loss = trainer.train_model(x, y)
-        t2 = _now(device)
+        marks.append(_now(device))
         loss.backward()
-        t3 = _now(device)
+        marks.append(_now(device))
         trainer.finish_update(loss.detach())
-        t4 = _now(device)
-        for key, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4)):
-            times[key].append((b - a) * 1e3)
+        marks.append(_now(device))
+        _record_phases(times, marks)
     return trainer, step
 
 
@@ -104,22 +112,23 @@ def _hf_step(cfg, patch, compile, device, batch, seq_len, corpus_dir):
     loader = TokenLoader(corpus_dir, "train", batch, seq_len, seed=0, device=device if cuda else None)
 
     def step(times=None):
-        t0 = _now(device) if times is not None else None
+        marks = []
+        mark = (lambda: marks.append(_now(device))) if times is not None else (lambda: None)
+        mark()
         x, y = next(loader)
         x, y = x.to(device), y.to(device)
-        t1 = _now(device) if times is not None else None
+        mark()
         with autocast(device):
             loss = forward(x, y)
-        t2 = _now(device) if times is not None else None
+        mark()
         loss.backward()
-        t3 = _now(device) if times is not None else None
+        mark()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark()
         if times is not None:
-            t4 = _now(device)
-            for key, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4)):
-                times[key].append((b - a) * 1e3)
+            _record_phases(times, marks)
     return loader, step
 
 
@@ -151,7 +160,7 @@ def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, 
                 start = _now(device)
                 step()
                 step_ms.append((_now(device) - start) * 1e3)
-            times = {"data": [], "forward": [], "backward": [], "optimizer": []}
+            times = {key: [] for key in PHASES}
             for _ in range(instrumented):
                 step(times)
         finally:

@@ -282,8 +282,7 @@ class Transformer(nn.Module):
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         masters = [m.weight for m in linears] + ([self.tok_embeddings.weight] if self.output is None else [])
         flat = torch.empty(sum(p.numel() for p in masters), dtype=dtype, device=masters[0].device)
-        copies = list(flat.split([p.numel() for p in masters]))
-        copies = [c.view(p.shape) for c, p in zip(copies, masters)]
+        copies = [c.view(p.shape) for c, p in zip(flat.split([p.numel() for p in masters]), masters)]
         for m, c in zip(linears, copies):
             m.working = c
         self._working = (copies, masters)

@@ -71,6 +71,15 @@ def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
 
 
 @triton.jit
+def _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x):
+    """dy, x and w of one chunk of a wide row, in float32 (both passes of the chunked backward)."""
+    dy = tl.load(DY + row64 * stride_dy + c_cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row64 * stride_x + c_cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + c_cols, mask=mask, other=0.0).to(tl.float32)
+    return dy, x, w
+
+
+@triton.jit
 def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_dh, stride_x,
                               blocks_per_program,
                               HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
@@ -120,18 +129,14 @@ def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_d
             for chunk in range(0, CHUNKS):
                 c_cols = chunk * BLOCK_N + cols
                 mask = (c_cols < N) & row_ok
-                dy = tl.load(DY + row64 * stride_dy + c_cols, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + row64 * stride_x + c_cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + c_cols, mask=mask, other=0.0).to(tl.float32)
+                dy, x, w = _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x)
                 acc += x * w * dy
             # dx = (w dy - xhat c) rstd with xhat = x rstd and c = sum(xhat w dy) / N
             k = tl.sum(acc, axis=0) * rstd * rstd / N
             for chunk in range(0, CHUNKS):
                 c_cols = chunk * BLOCK_N + cols
                 mask = (c_cols < N) & row_ok
-                dy = tl.load(DY + row64 * stride_dy + c_cols, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + row64 * stride_x + c_cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + c_cols, mask=mask, other=0.0).to(tl.float32)
+                dy, x, w = _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x)
                 dx = (w * dy - x * k) * rstd
                 if HAS_DH:
                     dx += tl.load(DH + row64 * stride_dh + c_cols, mask=mask, other=0.0).to(tl.float32)
