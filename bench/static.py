@@ -7,12 +7,14 @@ tensors of the right shape, found on the meta device). Each recorded launch is t
 compiled for each architecture asked for, exactly as the JIT would specialise it for those
 arguments (Triton's own binder: alignment and divisibility of every argument), and read:
 
-- from the cubin (`cuobjdump -res-usage`): registers per thread, local memory (spills and
-  stack) and shared memory per block; from those and the warps, resident blocks per SM
+- from the cubin (`cuobjdump -res-usage`): registers per thread and local memory (spills
+  and stack); from the compiler, the shared memory a launch requests (reduction scratch,
+  pipelined loops' buffers); from those and the warps, resident blocks per SM
   against the architecture's limits, then the waves of the grid over the SMs and how busy
   the last wave is;
 - from the PTX: global loads and stores by width (128-, 64-, 32-bit, scalar 16-bit),
-  cp.async and TMA (cp.async.bulk) instructions, 64-bit divisions and remainders, and the
+  cp.async copies by width (the reads of pipelined loops, "cp.128"), all cp.async and TMA
+  (cp.async.bulk) instructions, 64-bit divisions and remainders, and the
   special-function instructions (ex2, rsqrt, lg2, rcp);
 - the bytes the op moves: every tensor argument of each launch (a buffer passed twice, or
   read and written in place, counts once) plus the inputs and outputs of every aten op that
@@ -33,7 +35,7 @@ static.json:
     row:  {"op", "pass" ("fwd"|"bwd"|"fwd+bwd"), "group", "arch", "shape", "dtype", "bytes", "min_bytes", "ratio",
            "launches": [{"kernel", "grid", "num_warps", "constexprs", "arch", "registers", "local_bytes",
                          "shared_bytes", "blocks_per_sm", "waves", "last_wave_busy",
-                         "global": {"ld.128", "ld.64", "ld.32", "ld.16", "st.128", ...}, "cp_async", "tma",
+                         "global": {"ld.128", "ld.64", "ld.32", "ld.16", "st.128", "cp.128", ...}, "cp_async", "tma",
                          "div64", "sfu": {"ex2", "rsqrt", "lg2", "rcp"}}],
            "aten": [{"op", "bytes"}]}
     step: {"preset", "tokens", "launches", "triton_launches", "aten_launches", "syncs": [{"call", "line"}],
@@ -304,8 +306,11 @@ def compile_launch(fn, args, kwargs, arch):
                 f.write(compiled.asm["cubin"])
             usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
                                    check=True).stdout
-        found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-        _compiled[key] = ({k: int(v) for k, v in found.items()}, compiled.asm["ptx"],
+        found = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+        # What a launch asks for: the dynamic shared memory of the reductions' scratch and
+        # the pipelined loops' buffers (cuobjdump shows only the static part), as on CUDA.
+        found["SHARED"] = compiled.metadata.shared
+        _compiled[key] = (found, compiled.asm["ptx"],
                           {k: v for k, v in constexprs.items()}, options.num_warps)
     return _compiled[key]
 
@@ -316,6 +321,10 @@ def ptx_counts(ptx):
     for kind, vec, width in re.findall(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[busf](\d+)\b", ptx):
         bits = int(width) * int(vec or 1)
         key = f"{kind}.{bits}"
+        counts[key] = counts.get(key, 0) + 1
+    # Global reads of pipelined loops: cp.async copies to shared memory, by size in bytes.
+    for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-f]+|\d+)", ptx):
+        key = f"cp.{int(size, 0) * 8}"
         counts[key] = counts.get(key, 0) + 1
     return {
         "global": counts,

@@ -4,6 +4,7 @@ Every public op validates its arguments here before anything is launched, so a
 bad call fails with a message that names the argument instead of a Triton
 compile error or a wrong answer.
 """
+import math
 import os
 
 import torch
@@ -98,19 +99,53 @@ def as_rows(x):
     return unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
-def row_block(n, target_elements=4096):
-    """Block width for a row of n elements and how many rows one program handles.
+# Launch sizes: one rule for every row kernel (rms_norm, rope, swiglu, the losses' rows).
+# A program holds ROWS rows of row_elements values each; ROWS is the largest power of two up
+# to target_elements a program whose grid leaves at most MAX_IDLE of the last wave's slots
+# idle, judged from the occupancy of the binary each choice compiles to (a CUDA device, or
+# sm_90 in the static report). The interpreter takes the largest: it has no occupancy.
+MAX_IDLE = 0.1
+# Each thread holds at least one 16-byte vector of 16-bit values: 4 warps x 32 x 8.
+MIN_PROGRAM_ELEMENTS = 1024
 
-    Rows of the small models (64 to 768 wide) are packed several to a program so
-    that a launch has enough work per program and small models are not launch-bound.
-    """
-    block_n = triton.next_power_of_2(max(n, 1))
-    rows = max(1, min(64, target_elements // block_n))
-    return block_n, rows
+
+def warps_for(elements, per_thread=32, least=4, most=16):
+    """Warps for a program holding `elements` values, about per_thread values a thread
+    (8 or more keep 16-bit loads 16 bytes wide), between least and most."""
+    return int(min(most, max(least, elements // (32 * per_thread))))
 
 
-def warps_for(elements):
-    return int(min(16, max(4, elements // 1024)))
+def idle_share(programs, per_wave):
+    """Share of a grid's slots left idle: the last wave's empty ones (under one wave, the
+    empty SM slots)."""
+    waves = programs / per_wave
+    return 1.0 - waves / math.ceil(waves)
+
+
+def rows_per_program(kernel, args, kwargs, device, key, m, row_elements, columns=1, target_elements=4096,
+                     max_rows=64, per_thread=32, rows_arg="ROWS"):
+    """(ROWS, num_warps) for a kernel over m rows (times columns blocks of columns) whose
+    programs hold ROWS rows of row_elements values. kwargs: the other constexprs; key: what,
+    with ROWS and the warps, decides the binary (see resident_programs)."""
+    fit = max(1, min(max_rows, target_elements // max(row_elements, 1)))
+    rows = 1 << (fit.bit_length() - 1)  # a power of two: the kernels' tl.arange
+    candidates = [rows]
+    while rows > 1 and (rows // 2) * row_elements >= MIN_PROGRAM_ELEMENTS:
+        rows //= 2
+        candidates.append(rows)
+    choices = [(r, warps_for(r * row_elements, per_thread)) for r in candidates]
+    if m * columns == 0 or not (device.type == "cuda" or RECORDING):
+        return choices[0]
+    best = None
+    for r, warps in choices:
+        per_wave = resident_programs(kernel, args, {**kwargs, rows_arg: r, "num_warps": warps}, device,
+                                     (*key, r, warps))
+        idle = idle_share(triton.cdiv(m, r) * columns, per_wave)
+        if idle <= MAX_IDLE:
+            return r, warps
+        if best is None or idle < best[0]:
+            best = idle, r, warps
+    return best[1:]
 
 
 # Set by the static report while it records: blocks of a kernel resident per SM for these
@@ -126,6 +161,14 @@ def blocks_per_sm(registers, shared_bytes, num_warps, smem_per_sm):
     by_regs = ((65536 // regs_per_warp) // 4 * 4) // num_warps
     by_smem = smem_per_sm // (shared_bytes + 1024) if shared_bytes else 32
     return max(0, min(32, 64 // num_warps, by_regs, by_smem))
+
+
+def multiprocessors(device):
+    """SMs of the device the launch sizes are chosen for (4 in the interpreter: a few
+    programs, so multi-program paths run)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return RECORDING_SMS if RECORDING else 4
 
 
 _resident = {}

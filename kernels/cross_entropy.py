@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_float, unit_last_stride
+from ._launch import check_device, check_float, resident_programs, unit_last_stride, warps_for
 
 _FLOOR = tl.constexpr(-1.0e30)  # stands in for -inf in masked lanes: exp(_FLOOR - m) is 0, never NaN
 
@@ -89,16 +89,22 @@ def _cross_entropy_backward_kernel(X, TARGET, LSE, DLOSS, DX, V, stride_x, strid
 
 
 @triton.jit
-def _scale_unless_one_kernel(G, SCALE, N, V, stride_g, BLOCK_V: tl.constexpr):
+def _scale_unless_one_kernel(G, SCALE, N, V, stride_g, blocks_per_program, BLOCK_V: tl.constexpr):
     """G *= SCALE in place, and nothing at all (no read, no write) when SCALE is exactly 1:
-    the upstream gradient of a loss's own backward(). Decided on the device: no sync."""
+    the upstream gradient of a loss's own backward(). Decided on the device: no sync. One
+    wave of programs, each taking blocks_per_program consecutive [1, BLOCK_V] blocks: at a
+    unit scale the launch is that one wave of programs that return at once (a program a
+    block was 131,072 of them at 16384 x 32000)."""
     scale = tl.load(SCALE).to(tl.float32)
     if scale != 1.0:
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(G + row * stride_g + cols, (g * scale).to(G.dtype.element_ty), mask=mask)
+        col_blocks = tl.cdiv(V, BLOCK_V)
+        for i in range(0, blocks_per_program):
+            block = tl.program_id(0).to(tl.int64) * blocks_per_program + i
+            row = block // col_blocks
+            cols = (block % col_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+            mask = (cols < V) & (row < N)
+            g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(G + row * stride_g + cols, (g * scale).to(G.dtype.element_ty), mask=mask)
 
 
 # The static report counts no bytes for this kernel: what it moves at a unit scale.
@@ -110,9 +116,10 @@ def _block_v(v):
 
 
 def _row_warps(block_v):
-    """8 warps for 4096-wide blocks; fewer for narrower rows, so each thread keeps at least
-    8 elements (16-byte loads of 16-bit logits: at V = 512, 8 warps made them 4-byte)."""
-    return max(1, min(8, block_v // 256))
+    """Warps for a row's blocks: 8 at 4096 wide, fewer for narrower rows, so each thread
+    keeps at least 8 elements (16-byte loads of 16-bit logits: at V = 512, 8 warps made
+    them 4-byte)."""
+    return warps_for(block_v, per_thread=8, least=1, most=8)
 
 
 def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits=None,
@@ -195,8 +202,13 @@ def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad [N, V] *= scale (a device scalar) in place; no memory is touched when scale is 1."""
     n, v = grad.shape
     if grad.numel() > 0:
-        _scale_unless_one_kernel[(n, triton.cdiv(v, 4096))](grad, scale, n, v, grad.stride(0), BLOCK_V=4096,
-                                                           num_warps=8)
+        blocks = n * triton.cdiv(v, 4096)
+        args = [grad, scale, n, v, grad.stride(0), 2]  # 2 blocks a program while sizing (1 is specialised)
+        kwargs = dict(BLOCK_V=4096, num_warps=8)
+        programs = min(blocks, resident_programs(_scale_unless_one_kernel, args, kwargs, grad.device,
+                                                 ("scale_gradient_", grad.dtype)))
+        args[-1] = triton.cdiv(blocks, programs)
+        _scale_unless_one_kernel[(programs,)](*args, **kwargs)
 
 
 @scale_gradient_.register_fake

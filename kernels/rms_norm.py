@@ -5,8 +5,9 @@ plus a float32 rstd per row kept for the backward. Backward: one read of dy, h
 and rstd, one write of dx. The weight gradient is summed by each program into its
 own float32 partial row, and the partials by a small kernel in a fixed order (no
 atomics), so gradients are bit-identical from run to run. The backward runs one
-wave of programs, sized from the compiled kernel's registers: the fewest partials
-that keep every SM busy.
+wave of programs, sized from the compiled kernel's registers and shared memory (the
+fewest partials that keep every SM busy; fewer where rows are so few that the
+partials would weigh), each looping over its rows in two pipelined stages.
 """
 from typing import Optional
 
@@ -14,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (as_rows, check_device, check_float, check_hidden, check_same_dtype, resident_programs,
-                      row_block, warps_for)
+from ._launch import (as_rows, check_device, check_float, check_hidden, check_same_dtype, multiprocessors,
+                      resident_programs, rows_per_program, warps_for)
 
 
 @triton.jit
@@ -98,8 +99,11 @@ def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_d
         col_mask = cols < N
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-        # Blocks past the last row are fully masked: no bound check needed.
-        for i in range(0, blocks_per_program):
+        # Blocks past the last row are fully masked: no bound check needed. Two stages: the
+        # next block's dy, x (and dh) are copied to shared memory (cp.async) while this one
+        # is reduced, so loads stay in flight across the row reduction (static sm_90: 24-33
+        # KB of shared memory a block, registers unchanged, still 2 blocks/SM).
+        for i in tl.range(0, blocks_per_program, num_stages=2):
             rows = (pid * blocks_per_program + i) * ROWS + tl.arange(0, ROWS)
             row_mask = rows < M
             mask = row_mask[:, None] & col_mask[None, :]
@@ -162,18 +166,13 @@ def _rms_norm_weight_grad_kernel(DW_PARTIAL, DW, P, N, BLOCK_P: tl.constexpr, BL
 # Widest row the kernels hold in registers; wider ones go in chunks of this width (the
 # forward spilled from 32768 wide with float32 weights, the backward from 16384).
 _WHOLE_ROW = 8192
-
-
-def _backward_tile(n):
-    """(BLOCK_N, ROWS, CHUNKS, num_warps) of the backward. Rows up to _WHOLE_ROW wide stay
-    in registers, packed ROWS to a block as in the forward, with 8 warps from 4096 wide
-    (4 warps held 32 elements of dy and x a thread there: 204 registers, 2 blocks/SM,
-    static sm_90). Wider rows: 16 warps over chunks of _WHOLE_ROW, whatever the width,
-    so registers and the program count stay flat up to hidden 65536."""
-    if n > _WHOLE_ROW:
-        return _WHOLE_ROW, 1, triton.cdiv(n, _WHOLE_ROW), 16
-    block_n, rows = row_block(n)
-    return block_n, rows, 1, max(4, min(16, block_n // 512))
+# The backward's float32 partial rows cost 8 bytes a column each (written, then read by the
+# weight-gradient kernel), rstd 4 bytes a row, against 3 x itemsize bytes an element of
+# rows: programs are capped so these stay within this share of the rows' bytes, but never
+# below half the SMs (an H100 SM draws ~2x its share of DRAM bandwidth, 64 B a clock from
+# L2, given ~50 KB in flight: two chunks of dy and x). Of the report's shapes only the
+# sweep's 2048 x 32768 meets the cap (69 programs, 1.045 x the minimum bytes; 1.086 at 132).
+_OVERHEAD_SHARE = 0.045
 
 
 def _forward(x, residual, weight, eps):
@@ -188,14 +187,16 @@ def _forward(x, residual, weight, eps):
     else:
         r2, h = x2, y
     if m > 0:
+        args = [x2, r2, weight, y, h, rstd, m, n, x2.stride(0), r2.stride(0), eps]
         if n > _WHOLE_ROW:
-            block_n, rows, chunks = _WHOLE_ROW, 1, triton.cdiv(n, _WHOLE_ROW)
+            kwargs = dict(BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1, num_warps=warps_for(_WHOLE_ROW))
         else:
-            (block_n, rows), chunks = row_block(n), 1
-        _rms_norm_forward_kernel[(triton.cdiv(m, rows),)](
-            x2, r2, weight, y, h, rstd, m, n, x2.stride(0), r2.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, CHUNKS=chunks,
-            num_warps=warps_for(rows * block_n))
+            kwargs = dict(BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
+            key = ("rms_norm_forward", kwargs["BLOCK_N"], residual is not None, x.dtype, weight.dtype)
+            kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(
+                _rms_norm_forward_kernel, args, dict(kwargs, HAS_RESIDUAL=residual is not None), x.device, key, m,
+                kwargs["BLOCK_N"])
+        _rms_norm_forward_kernel[(triton.cdiv(m, kwargs["ROWS"]),)](*args, HAS_RESIDUAL=residual is not None, **kwargs)
     return y.view(x.shape), h.view(x.shape), rstd
 
 
@@ -232,20 +233,32 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    block_n, rows, chunks, warps = _backward_tile(n)
-    blocks = triton.cdiv(m, rows)
     # rstd (float32) stands in for the partials, and 2 for the blocks a program takes,
     # while the binary is sized: 1 would be specialised into a different one.
     args = [dy2, dh2, x2, weight, rstd, dx, rstd, m, n, dy2.stride(0), dh2.stride(0), x2.stride(0), 2]
-    kwargs = dict(HAS_DH=dh is not None, ROWS=rows, BLOCK_N=block_n, CHUNKS=chunks, num_warps=warps)
-    key = ("rms_norm_backward", block_n, rows, chunks, warps, dh is not None, x.dtype, weight.dtype)
-    # One wave of programs, each with an equal share of the row blocks. Chunked rows: one
-    # program an SM, as each partial row there is 32-256 KiB against a few MB of rows.
-    resident = resident_programs(_rms_norm_backward_kernel, args, kwargs, x.device, key,
-                                 max_blocks_per_sm=1 if chunks > 1 else 32)
-    programs = max(1, min(blocks, resident))
+    key = ("rms_norm_backward", dh is not None, x.dtype, weight.dtype)
+    if n > _WHOLE_ROW:
+        # One program an SM at most: a partial row is 32-256 KiB against a few MB of rows.
+        kwargs = dict(HAS_DH=dh is not None, BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1,
+                      num_warps=warps_for(_WHOLE_ROW, per_thread=16))
+        resident = resident_programs(_rms_norm_backward_kernel, args, kwargs, x.device, (*key, kwargs["CHUNKS"]),
+                                     max_blocks_per_sm=1)
+    else:
+        # Whole rows in registers, 16 values of dy and x a thread (4 warps held 32 at 4096
+        # wide: 204 registers, 2 blocks/SM).
+        kwargs = dict(HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
+        kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(
+            _rms_norm_backward_kernel, args, kwargs, x.device, (*key, kwargs["BLOCK_N"]), m, kwargs["BLOCK_N"],
+            per_thread=16)
+        resident = resident_programs(_rms_norm_backward_kernel, args, kwargs, x.device,
+                                     (*key, kwargs["BLOCK_N"], kwargs["ROWS"], kwargs["num_warps"]))
+    # At most one wave of programs, each with an equal share of the row blocks.
+    budget = int((_OVERHEAD_SHARE * 3 * n * x.element_size() - 4) * m / (8 * n))
+    blocks = triton.cdiv(m, kwargs["ROWS"])
+    per_program = triton.cdiv(blocks, max(1, min(blocks, resident, max(budget, multiprocessors(x.device) // 2))))
+    programs = triton.cdiv(blocks, per_program) if m > 0 else 1
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    args[6], args[-1] = dw_partial, triton.cdiv(blocks, programs)
+    args[6], args[-1] = dw_partial, per_program
     if m > 0:
         _rms_norm_backward_kernel[(programs,)](*args, **kwargs)
     else:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_float, check_same_dtype, unit_last_stride, warps_for
+from ._launch import check_device, check_float, check_same_dtype, rows_per_program, unit_last_stride
 
 
 @triton.jit
@@ -94,14 +94,16 @@ def _launch_rope(q, k, cos, sin, q_out, k_out, interleaved, inverse, out_token_s
         block_half = triton.next_power_of_2(half)
         block_hq, block_hk = triton.next_power_of_2(HQ), triton.next_power_of_2(HK)
         per_token = (block_hq + block_hk) * block_half * 2
-        tokens = max(1, min(64, triton.next_power_of_2(max(1, 4096 // per_token))))
-        _rope_kernel[(triton.cdiv(n_tokens, tokens),)](
-            q, k, cos, sin, q_out, k_out, n_tokens, T, HQ, HK,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            out_token_stride or HQ * D, out_token_stride or HK * D, k_start, *_table_strides(cos),
-            HALF=half, BLOCK_HALF=block_half, TOKENS=tokens, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-            INTERLEAVED=interleaved, INVERSE=inverse, Q_PACKED=q.stride(2) == D, K_PACKED=k.stride(2) == D,
-            num_warps=warps_for(tokens * per_token // 2))
+        args = [q, k, cos, sin, q_out, k_out, n_tokens, T, HQ, HK,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                out_token_stride or HQ * D, out_token_stride or HK * D, k_start, *_table_strides(cos)]
+        kwargs = dict(HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+                      INTERLEAVED=interleaved, INVERSE=inverse, Q_PACKED=q.stride(2) == D, K_PACKED=k.stride(2) == D)
+        key = ("rope", q.dtype, cos.dtype, *kwargs.values())
+        # A token's q and k heads are its row; half of them are read at a time (x1, x2).
+        tokens, warps = rows_per_program(_rope_kernel, args, kwargs, q.device, key, n_tokens, per_token // 2,
+                                         target_elements=2048, rows_arg="TOKENS")
+        _rope_kernel[(triton.cdiv(n_tokens, tokens),)](*args, TOKENS=tokens, num_warps=warps, **kwargs)
 
 
 def _table_strides(table):

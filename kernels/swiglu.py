@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_rows, check_device, check_float, check_same_dtype, warps_for
+from ._launch import as_rows, check_device, check_float, check_same_dtype, rows_per_program
 
 
 @triton.jit
@@ -44,10 +44,14 @@ def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_
     tl.store(DU + rows64 * stride_dgu + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _tiles(m, n):
-    block_n = min(triton.next_power_of_2(max(n, 1)), 2048)
-    rows = max(1, min(64, 2048 // block_n))
-    return (triton.cdiv(m, rows), triton.cdiv(n, block_n)), rows, block_n
+def _launch_tiles(kernel, args, m, n, key):
+    """Launch kernel over [m, n] in tiles of ROWS x BLOCK_N (at most 2048 values a program:
+    an elementwise op needs no whole row)."""
+    block_n = min(triton.next_power_of_2(n), 2048)
+    columns = triton.cdiv(n, block_n)
+    rows, warps = rows_per_program(kernel, args, dict(BLOCK_N=block_n), args[0].device, (*key, block_n), m, block_n,
+                                   columns=columns, target_elements=2048)
+    kernel[(triton.cdiv(m, rows), columns)](*args, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
 
 
 @torch.library.custom_op("tinyfuse::swiglu_forward", mutates_args=())
@@ -56,9 +60,8 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     m, n = g2.shape
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if y.numel() > 0:
-        grid, rows, block_n = _tiles(m, n)
-        _swiglu_forward_kernel[grid](g2, u2, y, m, n, g2.stride(0), u2.stride(0),
-                                     ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+        _launch_tiles(_swiglu_forward_kernel, [g2, u2, y, m, n, g2.stride(0), u2.stride(0)], m, n,
+                ("swiglu_forward", gate.dtype))
     return y.view(gate.shape)
 
 
@@ -72,9 +75,8 @@ def _backward(dy, gate, up, dg, du):
     dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     m, n = g2.shape
     if m * n > 0:
-        grid, rows, block_n = _tiles(m, n)
-        _swiglu_backward_kernel[grid](dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0),
-                                      dg.stride(0), ROWS=rows, BLOCK_N=block_n, num_warps=warps_for(rows * block_n))
+        _launch_tiles(_swiglu_backward_kernel, [dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0),
+                                          dg.stride(0)], m, n, ("swiglu_backward", gate.dtype, dg.stride(0) == n))
 
 
 @torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())

@@ -122,6 +122,12 @@ def test_rescaling_skips_a_unit_scale_and_scales_strided_rows():
     torch.ops.tinyfuse.scale_gradient_(grad, torch.full((), 2.5, device=DEVICE))
     assert torch.equal(buffer[:, :600].nan_to_num(), (before[:, :600] * 2.5).nan_to_num())
     assert torch.equal(buffer[:, 600:], before[:, 600:])  # past each row's width: untouched
+    # Rows of three 4096-wide blocks, more blocks than programs: each program takes a run of
+    # blocks across rows.
+    wide = torch.randn(3, 9000, device=DEVICE)
+    expected = wide * 0.5
+    torch.ops.tinyfuse.scale_gradient_(wide, torch.full((), 0.5, device=DEVICE))
+    assert torch.equal(wide, expected)
 
 
 def test_gradient_accumulation_recipe():
