@@ -61,7 +61,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if y.numel() > 0:
         _launch_tiles(_swiglu_forward_kernel, [g2, u2, y, m, n, g2.stride(0), u2.stride(0)], m, n,
-                ("swiglu_forward", gate.dtype))
+                      ("swiglu_forward", gate.dtype))
     return y.view(gate.shape)
 
 
@@ -75,8 +75,8 @@ def _backward(dy, gate, up, dg, du):
     dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     m, n = g2.shape
     if m * n > 0:
-        _launch_tiles(_swiglu_backward_kernel, [dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0),
-                                          dg.stride(0)], m, n, ("swiglu_backward", gate.dtype, dg.stride(0) == n))
+        args = [dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0)]
+        _launch_tiles(_swiglu_backward_kernel, args, m, n, ("swiglu_backward", gate.dtype, dg.stride(0) == n))
 
 
 @torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())
