@@ -306,7 +306,7 @@ def compile_launch(fn, args, kwargs, arch):
                 f.write(compiled.asm["cubin"])
             usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
                                    check=True).stdout
-        found = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+        found = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
         # What a launch asks for: the dynamic shared memory of the reductions' scratch and
         # the pipelined loops' buffers (cuobjdump shows only the static part), as on CUDA.
         found["SHARED"] = compiled.metadata.shared

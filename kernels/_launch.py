@@ -174,25 +174,23 @@ def multiprocessors(device):
 _resident = {}
 
 
-def resident_programs(kernel, args, kwargs, device, key, max_blocks_per_sm=32):
+def resident_programs(kernel, args, kwargs, device, key):
     """How many programs of kernel fit on the device at once (one full wave), from the
     registers and shared memory of the binary the JIT builds for these arguments. A
     reduction launched with this many programs writes as few partials as keep every SM
     busy, and has no last wave. key: what, besides the device, decides the binary (the
-    constexprs and dtypes); the answer is cached under it. max_blocks_per_sm: fewer, where
-    a program's partial is large against its share of the work."""
+    constexprs and dtypes); the answer is cached under it."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         if (key, index) not in _resident:
             compiled = kernel.warmup(*args, grid=(1,), **kwargs)
             compiled._init_handles()  # loads the binary: n_regs is known from here
             props = torch.cuda.get_device_properties(index)
-            blocks = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"],
-                                   props.shared_memory_per_multiprocessor)
-            _resident[key, index] = blocks, props.multi_processor_count
-        blocks, sms = _resident[key, index]
+            _resident[key, index] = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"],
+                                                  props.shared_memory_per_multiprocessor)
+        blocks = _resident[key, index]
     elif RECORDING:
-        blocks, sms = RECORDING_OCCUPANCY(kernel, args, kwargs), RECORDING_SMS
+        blocks = RECORDING_OCCUPANCY(kernel, args, kwargs)
     else:
         return 4  # the interpreter: a few programs, so the multi-row loop and the partials run
-    return max(1, min(blocks, max_blocks_per_sm)) * sms
+    return max(1, blocks) * multiprocessors(device)

@@ -189,14 +189,14 @@ def _forward(x, residual, weight, eps):
     if m > 0:
         args = [x2, r2, weight, y, h, rstd, m, n, x2.stride(0), r2.stride(0), eps]
         if n > _WHOLE_ROW:
-            kwargs = dict(BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1, num_warps=warps_for(_WHOLE_ROW))
+            kwargs = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW),
+                          ROWS=1, num_warps=warps_for(_WHOLE_ROW))
         else:
-            kwargs = dict(BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
-            key = ("rms_norm_forward", kwargs["BLOCK_N"], residual is not None, x.dtype, weight.dtype)
-            kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(
-                _rms_norm_forward_kernel, args, dict(kwargs, HAS_RESIDUAL=residual is not None), x.device, key, m,
-                kwargs["BLOCK_N"])
-        _rms_norm_forward_kernel[(triton.cdiv(m, kwargs["ROWS"]),)](*args, HAS_RESIDUAL=residual is not None, **kwargs)
+            kwargs = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
+            key = ("rms_norm_forward", *kwargs.values(), x.dtype, weight.dtype)
+            kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(_rms_norm_forward_kernel, args, kwargs, x.device,
+                                                                   key, m, kwargs["BLOCK_N"])
+        _rms_norm_forward_kernel[(triton.cdiv(m, kwargs["ROWS"]),)](*args, **kwargs)
     return y.view(x.shape), h.view(x.shape), rstd
 
 
@@ -241,8 +241,7 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
         # One program an SM at most: a partial row is 32-256 KiB against a few MB of rows.
         kwargs = dict(HAS_DH=dh is not None, BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1,
                       num_warps=warps_for(_WHOLE_ROW, per_thread=16))
-        resident = resident_programs(_rms_norm_backward_kernel, args, kwargs, x.device, (*key, kwargs["CHUNKS"]),
-                                     max_blocks_per_sm=1)
+        resident = multiprocessors(x.device)
     else:
         # Whole rows in registers, 16 values of dy and x a thread (4 warps held 32 at 4096
         # wide: 204 registers, 2 blocks/SM).
@@ -254,8 +253,9 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
                                      (*key, kwargs["BLOCK_N"], kwargs["ROWS"], kwargs["num_warps"]))
     # At most one wave of programs, each with an equal share of the row blocks.
     budget = int((_OVERHEAD_SHARE * 3 * n * x.element_size() - 4) * m / (8 * n))
+    cap = min(resident, max(budget, multiprocessors(x.device) // 2))
     blocks = triton.cdiv(m, kwargs["ROWS"])
-    per_program = triton.cdiv(blocks, max(1, min(blocks, resident, max(budget, multiprocessors(x.device) // 2))))
+    per_program = triton.cdiv(blocks, max(1, min(blocks, cap)))
     programs = triton.cdiv(blocks, per_program) if m > 0 else 1
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     args[6], args[-1] = dw_partial, per_program
