@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tinyfuse.engine.model import PRESETS, preset
 
-from .timing import copy_gbps, environment, error_text, measure, peak_mem_mb
+from .timing import copy_gbps, environment, error_text, measure, peak_mem_mb, side_stream
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("tinyfuse", "torch", "torch.compile", "liger")
@@ -99,42 +99,46 @@ def _pass_fns(fn, args):
     return {"fwd": forward, "bwd": backward, "fwd+bwd": both}
 
 
-def run_case(case, impls, device, dtype, copy_bw, smoke, passes=PASSES):
+def run_case(case, impls, device, dtype, copy_bw, smoke, passes=PASSES, repeats=None):
     """Rows for one case: every implementation and pass; a failure is a row with "error"."""
     rows = []
     itemsize = torch.empty((), dtype=dtype).element_size()
     for impl, fn in impls.items():
-        try:
-            fns = _pass_fns(fn, case.make(device, dtype))
-        except Exception as e:  # an implementation that cannot take this case
-            rows += [_error_row(case, p, dtype, impl, e) for p in passes]
-            _release(device)
-            continue
-        for p in passes:
-            row = {"op": case.op, "pass": p, "shape": list(case.shape), "dtype": str(dtype).removeprefix("torch."),
-                   "impl": impl, "group": case.group, "size": case.size}
-            moved = case.bytes[p] * itemsize if case.bytes else None
-            if moved == 0:  # cross_entropy: tinyfuse forms the gradient in the forward, its backward serves once
-                rows.append({**row, "note": "nothing to time alone: the gradient is formed in the forward "
-                                            "(compare fwd+bwd)"})
-                continue
-            try:
-                timing = measure(fns[p], device, repeats=2 if smoke else 50, warmup=0 if smoke else 5,
-                                 bytes_moved=moved)
-                row.update(timing)
-                row["peak_mem_mb"] = peak_mem_mb(fns[p], device)
-            except Exception as e:
-                rows.append(_error_row(case, p, dtype, impl, e))
-                _release(device)
-                continue
-            seconds = row["ms"] / 1e3
-            row["gbps"] = moved / seconds / 1e9 if moved else None
-            row["pct_bw"] = 100 * row["gbps"] / copy_bw if moved else None
-            row["tflops"] = case.flops[p] / seconds / 1e12 if case.flops else None
-            rows.append(row)
-        del fns
+        with side_stream(device):  # the forward that "bwd" differentiates runs where its capture does
+            rows += _impl_rows(case, impl, fn, device, dtype, itemsize, copy_bw, smoke, passes, repeats)
         _release(device)
     _speedups(rows)
+    return rows
+
+
+def _impl_rows(case, impl, fn, device, dtype, itemsize, copy_bw, smoke, passes, repeats):
+    """One implementation's rows of a case, every pass."""
+    rows = []
+    try:
+        fns = _pass_fns(fn, case.make(device, dtype))
+    except Exception as e:  # an implementation that cannot take this case
+        return [_error_row(case, p, dtype, impl, e) for p in passes]
+    for p in passes:
+        row = {"op": case.op, "pass": p, "shape": list(case.shape), "dtype": str(dtype).removeprefix("torch."),
+               "impl": impl, "group": case.group, "size": case.size}
+        moved = case.bytes[p] * itemsize if case.bytes else None
+        if moved == 0:  # cross_entropy: tinyfuse forms the gradient in the forward, its backward serves once
+            rows.append({**row, "note": "nothing to time alone: the gradient is formed in the forward "
+                                        "(compare fwd+bwd)"})
+            continue
+        try:
+            timing = measure(fns[p], device, repeats=2 if smoke else repeats or 50, warmup=0 if smoke else 5,
+                             bytes_moved=moved)
+            row.update(timing)
+            row["peak_mem_mb"] = peak_mem_mb(fns[p], device)
+        except Exception as e:
+            rows.append(_error_row(case, p, dtype, impl, e))
+            continue
+        seconds = row["ms"] / 1e3
+        row["gbps"] = moved / seconds / 1e9 if moved else None
+        row["pct_bw"] = 100 * row["gbps"] / copy_bw if moved else None
+        row["tflops"] = case.flops[p] / seconds / 1e12 if case.flops else None
+        rows.append(row)
     return rows
 
 
@@ -158,9 +162,12 @@ def _speedups(rows):
                           if r["impl"] != "tinyfuse" and r["pass"] == row["pass"] and r.get("ms")}
 
 
-def run(device, modules, smoke=False, ops=None, copy_bw=None, progress=print):
+def run(device, modules, smoke=False, ops=None, copy_bw=None, progress=print, groups=None, repeats=None, log=None):
     """Rows for every op of the op scripts `modules` (or those named in ops) over its cases
-    and implementations. The op scripts use this harness; the suite lists them."""
+    (those of `groups` only: preset names and "sweep") and implementations. The op scripts
+    use this harness; the suite lists them. log: a report.RowLog that takes each case's
+    rows as they are measured and says when the run's time budget is spent (cases not
+    started then are recorded as skipped)."""
     dtype = torch.bfloat16
     backend = "inductor" if torch.device(device).type == "cuda" else "aot_eager"
     copy_bw = copy_bw or copy_gbps(device, smoke)
@@ -170,8 +177,18 @@ def run(device, modules, smoke=False, ops=None, copy_bw=None, progress=print):
             if ops and op not in ops:
                 continue
             for case in module.cases(op, smoke):
-                progress(f"kernels: {op} {case.group} {tuple(case.shape)}")
-                rows += run_case(case, module.impls(op, backend), device, dtype, copy_bw, smoke)
+                if groups and case.group not in groups:
+                    continue
+                if log is not None and log.expired():
+                    case_rows = [{"op": op, "group": case.group, "shape": list(case.shape), "impl": "tinyfuse",
+                                  "pass": p, "skipped": "the run's time budget was spent"} for p in PASSES]
+                else:
+                    progress(f"kernels: {op} {case.group} {tuple(case.shape)}")
+                    case_rows = run_case(case, module.impls(op, backend), device, dtype, copy_bw, smoke,
+                                         repeats=repeats)
+                rows += case_rows
+                if log is not None:
+                    log.add("kernels", *case_rows)
     return rows
 
 

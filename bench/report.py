@@ -1,7 +1,42 @@
-"""Results of `tinyfuse bench` as Markdown tables and PNG plots, and the comparison of two
-runs (`tinyfuse bench compare OLD.json NEW.json`)."""
+"""Results of `tinyfuse bench` as they are measured (rows.jsonl), as Markdown tables and PNG
+plots, and the comparison of two runs (`tinyfuse bench compare OLD.json NEW.json`)."""
 import json
 import os
+import time
+
+
+class RowLog:
+    """rows.jsonl: every row appended the moment it is measured, one JSON object a line
+    with its "section" (the first line is the environment), so a run killed at its time
+    limit still leaves what it measured; and the run's wall-clock budget, which the
+    sections ask before each case or row."""
+
+    def __init__(self, path, budget_s=None):
+        self.path = path
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        open(path, "w").close()
+
+    def add(self, section, *rows):
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"section": section, **row}) + "\n")
+
+    def expired(self):
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def read_rows(path):
+    """{section: [rows]} of a rows.jsonl (a line torn by a kill is left out)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out.setdefault(row.pop("section", "?"), []).append(row)
+    return out
 
 
 def _fmt(value, spec):
@@ -39,7 +74,7 @@ def kernel_table(rows, gpu=True):
             if r is None:
                 return "–"
             if r.get("ms") is None:
-                return "in fwd" if r.get("note") else "error"
+                return "in fwd" if r.get("note") else "skipped" if r.get("skipped") else "error"
             return f"{r['ms']:.3f}"
 
         speed = ours.get("speedup", {})
@@ -56,20 +91,24 @@ def kernel_table(rows, gpu=True):
 
 
 def step_table(rows):
-    """The breakdown comes from separate steps synchronised between phases; "sum" is the
-    phases' total over the whole-step median (above 100%: the synchronisations' own cost)."""
-    lines = ["| preset | model | kernels | compile | CUDA graph | tokens/s | MFU | peak GB | step ms | data | forward "
+    """One line per preset and row (names as `--step-rows` takes them). "CUDA graph" is
+    whether the step really ran as one (a failed capture says why); "loss" the mean loss
+    of the steps run (random tokens: about ln V). The breakdown comes from separate steps
+    synchronised between phases; "sum" is the phases' total over the whole-step median
+    (above 100%: the synchronisations' own cost)."""
+    lines = ["| preset | row | CUDA graph | attention | tokens/s | MFU | peak GB | loss | step ms | data | forward "
              "| backward | optimizer | sum |", "|" + "---|" * 14]
     for r in rows:
-        head = f"| {r['preset']} | {r.get('model', 'tinyfuse')} | {r['kernels']} | {r['compile']} | " \
-               f"{'yes' if r.get('cuda_graph') else 'no'} |"
+        graph = "yes" if r.get("cuda_graph") else f"no ({r['graph_error']})" if r.get("graph_error") else "no"
+        head = f"| {r['preset']} | {r.get('row', r.get('model', 'tinyfuse'))} | {graph} | {r.get('attention', '')} |"
         if r.get("tokens_per_s") is None:
-            lines.append(f"{head} error: {r.get('error', '')} ||||||||")
+            what = f"skipped: {r['skipped']}" if r.get("skipped") else f"error: {r.get('error', '')}"
+            lines.append(f"{head} {what} |||||||||")
             continue
         b = r["breakdown"]
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-        lines.append(f"{head} {r['tokens_per_s']:,.0f} | {mfu} | "
-                     f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {r['step_ms']:.2f} | {b['data']:.2f} | {b['forward']:.2f} | "
+        lines.append(f"{head} {r['tokens_per_s']:,.0f} | {mfu} | {_fmt(r.get('peak_mem_gb'), '.2f')} | "
+                     f"{_fmt(r.get('loss'), '.3f')} | {r['step_ms']:.2f} | {b['data']:.2f} | {b['forward']:.2f} | "
                      f"{b['backward']:.2f} | {b['optimizer']:.2f} | {100 * sum(b.values()) / r['step_ms']:.0f}% |")
     return "\n".join(lines)
 
@@ -231,3 +270,43 @@ def compare(old, new, floor=0.02):
     only = len(a.keys() ^ b.keys())
     lines.append(f"{same} within noise; {only} measured in only one of the runs")
     return lines, {"faster": len(faster), "slower": len(slower), "same": same, "unmatched": only}
+
+
+# ---------------------------------------------------------------- a staged run's summary
+
+def summary(stages_tsv, rows_files):
+    """Markdown of a staged run (bench/gpu_run.sh): each stage's outcome from stages_tsv
+    (stage, name, exit code, seconds a line), the environment, then the tables of every
+    row the stages' rows.jsonl files hold."""
+    parts = ["# bench/gpu_run.sh", "", "| stage | what | exit | seconds |", "|---|---|---|---|"]
+    if os.path.exists(stages_tsv):
+        with open(stages_tsv) as f:
+            for line in f:
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) == 4:
+                    code = {"0": "ok", "124": "timed out", "137": "killed"}.get(fields[2], fields[2])
+                    parts.append(f"| {fields[0]} | {fields[1]} | {code} | {fields[3]} |")
+    sections = {}
+    for path in rows_files:
+        if os.path.exists(path):
+            for section, rows in read_rows(path).items():
+                sections.setdefault(section, []).extend(rows)
+    env = (sections.get("env") or [{}])[0]
+    if env:
+        parts += ["", f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+                      f"commit {env['commit']} · {env['date']} · copy bandwidth {env['copy_gbps']:.0f} GB/s"]
+    if sections.get("step"):
+        parts += ["", "## Training step", "", step_table(sections["step"])]
+    if sections.get("kernels"):
+        gpu = not str(env.get("device", "CPU")).startswith("CPU")
+        parts += ["", "## Kernels", "", kernel_table(sections["kernels"], gpu)]
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m tinyfuse.bench.report SUMMARY.md STAGES.tsv [ROWS.jsonl ...]")
+    with open(sys.argv[1], "w") as f:
+        f.write(summary(sys.argv[2], sys.argv[3:]))

@@ -44,7 +44,28 @@ def _now(device):
     return time.perf_counter()
 
 
-MODELS = {"tinyfuse": ("triton", "torch"), "transformers": ("plain", "tinyfuse", "liger")}
+# The step rows by the names `tinyfuse bench --step-rows` takes: (model, kernels, graph);
+# each name with "+compile" is the same row under torch.compile. graph None is the
+# trainer's default (a CUDA graph on CUDA); "tinyfuse-nograph" is the eager step beside it.
+ROWS = {"tinyfuse": ("tinyfuse", "triton", None), "tinyfuse-nograph": ("tinyfuse", "triton", False),
+        "tinyfuse-torch": ("tinyfuse", "torch", None), "hf": ("transformers", "plain", None),
+        "hf-tinyfuse": ("transformers", "tinyfuse", None), "hf-liger": ("transformers", "liger", None)}
+ROW_NAMES = tuple(name + suffix for name in ROWS for suffix in ("", "+compile") if name != "tinyfuse-nograph"
+                  or not suffix)
+
+
+def row_spec(name):
+    """(model, kernels, compile, graph) of a row name."""
+    base, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+    if name not in ROW_NAMES:
+        raise ValueError(f"unknown step row {name!r}; rows: {', '.join(ROW_NAMES)}")
+    model, kernels, graph = ROWS[base]
+    return model, kernels, compiled, graph
+
+
+def row_name(model, kernels, compile, graph):
+    base = next(n for n, spec in ROWS.items() if spec == (model, kernels, graph))
+    return base + ("+compile" if compile else "")
 
 
 def hf_model(cfg, patch):
@@ -100,8 +121,9 @@ def _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus
     return trainer, step
 
 
-def _hf_step(cfg, patch, compile, device, batch, seq_len, corpus_dir):
-    """(loader, step(times=None)): the usual loop around LlamaForCausalLM."""
+def _hf_step(cfg, patch, compile, device, batch, seq_len, corpus_dir, loss_sum):
+    """(loader, step(times=None)): the usual loop around LlamaForCausalLM; each step's loss
+    is added to loss_sum on the device."""
     cuda = torch.device(device).type == "cuda"
     model = hf_model(cfg, patch).to(device).train()
 
@@ -122,6 +144,7 @@ def _hf_step(cfg, patch, compile, device, batch, seq_len, corpus_dir):
             loss = forward(x, y)
         mark()
         loss.backward()
+        loss_sum.add_(loss.detach().float())
         mark()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -132,8 +155,10 @@ def _hf_step(cfg, patch, compile, device, batch, seq_len, corpus_dir):
     return loader, step
 
 
-def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, graph=None):
-    """One row: graph (tinyfuse only) None is the trainer's default (a CUDA graph on CUDA)."""
+def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, graph=None, repeats=None):
+    """One row: graph (tinyfuse only) None is the trainer's default (a CUDA graph on CUDA);
+    the row records whether the step really ran as a graph (and why not), the attention
+    backend and the mean loss of the steps run (repeats: the timed steps, default 20)."""
     cuda = torch.device(device).type == "cuda"
     cfg = preset(name)
     seq_len = 16 if smoke else cfg.max_seq_len
@@ -141,15 +166,17 @@ def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, 
     torch.manual_seed(0)
     with torch.device("meta"):
         flops_per_token = Transformer(cfg).flops_per_token(seq_len)
+    facts = {}
     with tempfile.TemporaryDirectory() as run_dir:
         if model_kind == "tinyfuse":
             owner, step = _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus_dir, run_dir)
-            graphed = owner.use_graph
+            loss_sum, facts["attention"] = owner.loss_sum, owner.attention
         else:
-            owner, step = _hf_step(cfg, kernels, compile, device, batch, seq_len, corpus_dir)
-            graphed = False
-        # compile: a second call recompiles; a CUDA graph: three warm-up steps, then the capture
-        warmup, timed, instrumented = (2, 1, 1) if smoke else (6, 20, 10)
+            loss_sum = torch.zeros((), device=device)
+            owner, step = _hf_step(cfg, kernels, compile, device, batch, seq_len, corpus_dir, loss_sum)
+            facts["attention"] = "sdpa"
+        # a CUDA graph: three warm-up steps, then the capture, in the warm-up
+        warmup, timed, instrumented = (2, 1, 1) if smoke else (6, repeats or 20, 10)
         try:
             for _ in range(warmup):
                 step()
@@ -163,63 +190,98 @@ def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, 
             times = {key: [] for key in PHASES}
             for _ in range(instrumented):
                 step(times)
+            # what happened, not what was asked: the capture can fail (the trainer then runs eagerly)
+            graphed = model_kind == "tinyfuse" and owner.graph is not None
+            if model_kind == "tinyfuse" and owner.graph_error:
+                facts["graph_error"] = owner.graph_error
+            facts["loss"] = loss_sum.item() / (warmup + timed + instrumented)
         finally:
             owner.close()
     median = statistics.median(step_ms)
     quartiles = statistics.quantiles(step_ms, n=4) if len(step_ms) > 1 else [median] * 3
     tokens_per_s = batch * seq_len / (median / 1e3)
     peak = device_peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
-    return {"preset": name, "model": model_kind, "kernels": kernels, "compile": compile, "cuda_graph": graphed,
-            "batch_size": batch, "seq_len": seq_len,
+    return {"preset": name, "row": row_name(model_kind, kernels, compile, graph), "model": model_kind,
+            "kernels": kernels, "compile": compile, "cuda_graph": graphed, **facts, "batch_size": batch, "seq_len": seq_len,
             "step_ms": median, "noise": (quartiles[2] - quartiles[0]) / median, "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s, flops_per_token, peak * 1e12 if peak else None),
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "breakdown": {key: statistics.median(v) for key, v in times.items()}}
 
 
-def combinations(models=tuple(MODELS), cuda=False):
-    """(model, kernels, compile, graph) of every row: each model's kernel choices, eager and
-    compiled (tinyfuse with its default: a CUDA graph on CUDA), plus on CUDA tinyfuse triton
-    eager without the graph; the Liger rows only where liger_kernel imports and runs (CUDA;
-    the suite notes its absence)."""
+def default_rows(cuda=False):
+    """Every row name: each model's kernel choices, eager and compiled (tinyfuse with its
+    default: a CUDA graph on CUDA), plus on CUDA tinyfuse triton eager without the graph;
+    the Liger rows only where liger_kernel imports and runs (CUDA; the suite notes its
+    absence)."""
     from .kernels import liger
 
-    rows = [(m, k, c, None) for m in models for k in MODELS[m] for c in (False, True) if k != "liger" or liger()]
-    if cuda and "tinyfuse" in models:
-        rows.insert(1, ("tinyfuse", "triton", False, False))
-    return rows
+    names = [n for n in ROW_NAMES if n != "tinyfuse-nograph" or cuda]
+    return [n for n in names if not n.startswith("hf-liger") or liger()]
 
 
-def run(device, smoke=False, presets=None, models=tuple(MODELS), progress=print):
+def missing_dependency(model_kind, kernels):
+    """Why a row cannot run here (an optional package is absent), or None."""
+    import importlib.util
+
+    if model_kind == "transformers" and importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (pip install -e \".[test]\")"
+    if kernels == "liger":
+        from .kernels import liger
+
+        if liger() is None:
+            return "Liger-Kernel is not installed or has no CUDA device"
+    return None
+
+
+def run(device, smoke=False, presets=None, rows=None, progress=print, repeats=None, log=None):
+    """Rows for every preset and step row (names of ROW_NAMES; default: default_rows()).
+    log: a report.RowLog that takes each row as it is measured and says when the run's
+    time budget is spent (rows not started then are recorded as skipped)."""
     presets = presets or (["stories260K"] if smoke else list(PRESETS))
-    rows = []
+    cuda = torch.device(device).type == "cuda"
+    names = rows or default_rows(cuda)
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
-            corpus = make_corpus(os.path.join(tmp, name), tokens=1 << (16 if smoke else 24),
-                                 vocab=preset(name).vocab_size, val_tokens=1 << 14)
-            for model_kind, kernels, compile, graph in combinations(models, torch.device(device).type == "cuda"):
-                progress(f"step: {name} {model_kind} kernels={kernels} compile={compile}"
-                         + (" cuda_graph=False" if graph is False else ""))
-                try:
-                    rows.append(measure_step(name, model_kind, kernels, compile, device, smoke, corpus, graph))
-                except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
-                    rows.append({"preset": name, "model": model_kind, "kernels": kernels, "compile": compile,
-                                 "cuda_graph": graph, "tokens_per_s": None, "error": error_text(e)})
-                torch._dynamo.reset()
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
-    return rows
+            corpus = None
+            for row in names:
+                model_kind, kernels, compile, graph = row_spec(row)
+                head = {"preset": name, "row": row, "model": model_kind, "kernels": kernels, "compile": compile,
+                        "cuda_graph": graph, "tokens_per_s": None}
+                why = missing_dependency(model_kind, kernels)
+                if why is None and log is not None and log.expired():
+                    why = "the run's time budget was spent"
+                if why is not None:
+                    result = {**head, "skipped": why}
+                else:
+                    progress(f"step: {name} {row}")
+                    if corpus is None:
+                        corpus = make_corpus(os.path.join(tmp, name), tokens=1 << (16 if smoke else 24),
+                                             vocab=preset(name).vocab_size, val_tokens=1 << 14)
+                    try:
+                        result = measure_step(name, model_kind, kernels, compile, device, smoke, corpus, graph,
+                                              repeats)
+                    except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
+                        result = {**head, "error": error_text(e)}
+                    torch._dynamo.reset()
+                    if cuda:
+                        torch.cuda.empty_cache()
+                out.append(result)
+                if log is not None:
+                    log.add("step", result)
+    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS))
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, help="the step rows (default: all)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(device, args.smoke, args.presets, args.models, progress=lambda m: print(m, file=sys.stderr))
+    rows = run(device, args.smoke, args.presets, args.rows, progress=lambda m: print(m, file=sys.stderr))
     from .report import step_table
 
     print(step_table(rows))

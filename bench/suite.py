@@ -22,33 +22,51 @@ def all_ops():
     return [op for module in op_modules() for op in module.OPS]
 
 
-def run(smoke=False, only=None, ops=None, out_dir="bench-results", progress=None):
-    """Measure the sections asked for and write the results into out_dir."""
+def run(smoke=False, only=None, ops=None, out_dir="bench-results", progress=None, presets=None, sweep=True,
+        step_rows=None, repeats=None, budget=None):
+    """Measure the sections asked for (only: a list of SECTIONS; default all) and write the
+    results into out_dir: rows.jsonl as each row is measured, then results.json,
+    results.md and the plots. presets: the presets whose shapes the kernels and the step
+    run (default all; smoke: stories260K); sweep: the kernels' bandwidth sweep too;
+    step_rows: step.ROW_NAMES to run (default: all that run here); repeats: timed
+    repetitions a kernel pass and a step row; budget: seconds after which no further case
+    or row starts (each is recorded as skipped)."""
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     if ops:
         unknown = set(ops) - set(all_ops())
         if unknown:
             raise ValueError(f"unknown ops {sorted(unknown)}; ops: {', '.join(all_ops())}")
+    for name in step_rows or ():
+        step.row_spec(name)  # a ValueError naming the rows
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
+    log = report.RowLog(os.path.join(out_dir, "rows.jsonl"), budget)
     bandwidth = copy_gbps(device, smoke)
     results = {"env": environment(device, bandwidth), "smoke": smoke, "notes": [], "kernels": [], "step": [],
                "loader": []}
+    log.add("env", results["env"])
+    progress(f"{results['env']['device']}: copy bandwidth {bandwidth:.0f} GB/s; rows go to {log.path} as measured")
     if device == "cpu":
         results["notes"].append("no CUDA: kernels ran in Triton's interpreter and torch.compile used the aot_eager "
                                 "backend; these times check the code path, not the speed")
     if kernels.liger() is None:
         results["notes"].append("Liger-Kernel not measured: " + (
             "not installed (pip install liger-kernel)" if torch.cuda.is_available() else "it needs CUDA"))
-    sections = [only] if only else SECTIONS
+    sections = only or SECTIONS
     if "kernels" in sections:
-        results["kernels"] = kernels.run(device, op_modules(), smoke, ops, bandwidth, progress)
+        groups = None
+        if presets or not sweep:
+            groups = set(presets or [name for name, *_ in kernels.preset_shapes(smoke)]) | ({"sweep"} if sweep else set())
+        results["kernels"] = kernels.run(device, op_modules(), smoke, ops, bandwidth, progress, groups, repeats, log)
     if "step" in sections:
-        results["step"] = step.run(device, smoke, progress=progress)
+        results["step"] = step.run(device, smoke, presets, step_rows, progress, repeats, log)
+        results["notes"] += sorted({f"step rows skipped: {r['skipped']}" for r in results["step"] if r.get("skipped")})
     if "loader" in sections:
         progress("loader")
         results["loader"] = loader.suite_rows(smoke)
-    if not smoke and only is None and not ops:  # the full suite carries the static report too
+        log.add("loader", *results["loader"])
+    full = only is None and not ops and not presets and sweep and not step_rows and budget is None
+    if not smoke and full:  # the full suite carries the static report too
         from .static import run_in_subprocess
 
         progress("static report")
@@ -83,8 +101,14 @@ def main(args):
         from .static import run_in_subprocess
 
         return run_in_subprocess(["--arch", args.arch, "--out", args.out] + (["--ops", *args.ops] if args.ops else []))
+    if not args.smoke and not torch.cuda.is_available():
+        print("tinyfuse bench: no CUDA device here, so the kernels would run in Triton's interpreter at GPU sizes "
+              "(hours); measuring the smoke sizes instead (--smoke), which check the code paths, not the speed",
+              file=sys.stderr)
+        args.smoke = True
     try:
-        results, files = run(args.smoke, args.only, args.ops, args.out)
+        results, files = run(args.smoke, args.only, args.ops, args.out, presets=args.presets, sweep=args.sweep,
+                             step_rows=args.step_rows, repeats=args.repeats, budget=args.budget)
     except ValueError as e:
         print(f"tinyfuse bench: {e}", file=sys.stderr)
         return 2

@@ -26,21 +26,34 @@ def synchronize(device):
 
 
 def _graphed(fn):
-    """fn captured in a CUDA graph, or None when it cannot be captured (a host sync, say)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+    """fn captured in a CUDA graph on the current stream, or None when it cannot be
+    captured (a host sync, say). The current stream must not be the default one: the
+    caller runs the case on a side stream (see side_stream), so that a backward, whose
+    kernels autograd launches on its forward's stream, is captured where it runs."""
+    stream = torch.cuda.current_stream()
     try:
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        for _ in range(3):
+            fn()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             fn()
     except Exception:  # not capturable: time it eagerly instead
         torch.cuda.synchronize()
         return None
     return graph.replay
+
+
+def side_stream(device):
+    """The context a case runs in, from building its inputs and forward to the last timed
+    call: a fresh CUDA stream (captures need one that is not the default stream), or
+    nothing on the CPU."""
+    import contextlib
+
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return torch.cuda.stream(stream)
 
 
 def measure(fn, device, repeats=50, warmup=5, bytes_moved=None):

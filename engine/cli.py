@@ -285,6 +285,13 @@ def _add_model_flags(parser):
                         help="fused Triton kernels or the plain-PyTorch ops (default: triton on CUDA, torch elsewhere)")
 
 
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
 def bench(args):
     """The benchmark suite, or the comparison of two of its results."""
     select_backend()
@@ -366,16 +373,30 @@ def build_parser():
     p.set_defaults(func=export)
 
     p = sub.add_parser("bench", help="benchmark kernels, the training step and the loader; or compare two runs",
-                       description="tinyfuse bench [--smoke] [--only SECTION] [--ops OP ...] [--out DIR]  |  "
+                       description="tinyfuse bench [--smoke] [--only SECTION ...] [--ops OP ...] [--presets NAME ...] "
+                                   "[--no-sweep] [--step-rows ROW ...] [--repeats N] [--budget SECONDS] [--out DIR]  |  "
                                    "tinyfuse bench compare OLD.json NEW.json")
     p.add_argument("action", nargs="?", choices=["compare"], help="compare OLD.json NEW.json")
     p.add_argument("files", nargs="*", help="the two results.json files to compare")
     p.add_argument("--smoke", action="store_true",
                    help="the whole suite at tiny sizes (on CPU: Triton's interpreter), to check it end to end")
-    p.add_argument("--only", choices=["kernels", "step", "loader"], help="one section")
+    p.add_argument("--only", nargs="+", choices=["kernels", "step", "loader"], help="these sections only")
     p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, rope, "
                                                         "swiglu, cross_entropy, linear_cross_entropy)")
-    p.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
+    from .model import PRESETS as _presets
+    from tinyfuse.bench.step import ROW_NAMES
+
+    p.add_argument("--presets", nargs="+", choices=list(_presets),
+                   help="the presets whose shapes the kernels and the step run (default: all)")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="leave out the kernels' bandwidth sweep")
+    p.add_argument("--step-rows", nargs="+", metavar="ROW", choices=ROW_NAMES,
+                   help=f"the step rows: {', '.join(ROW_NAMES)} (default: every row that runs here)")
+    p.add_argument("--repeats", type=_positive_int, help="timed repetitions of a kernel pass and a step row "
+                                                         "(default 50 and 20)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="start no kernel case or step row after this many seconds (those left are recorded as skipped)")
+    p.add_argument("--out", default="bench-results",
+                   help="folder for rows.jsonl (written as measured), results.json, results.md and the plots")
     p.add_argument("--static", action="store_true",
                    help="no GPU needed: compile every kernel for --arch and report registers, spills, occupancy, "
                         "waves, global access widths and bytes moved, and account for a training step (static.json)")

@@ -77,42 +77,90 @@ def sdpa_backend(name):
     return getattr(SDPBackend, SDPA_BACKENDS[name])
 
 
+# A backend whose output or gradients differ from the math backend's by more than this
+# (relative norm, same inputs) is not chosen: bf16 rounding of the output is ~4e-3.
+SDPA_AGREEMENT = 2e-2
+
+
+def _model_layouts(batch, heads, kv_heads, seq_len, head_dim, device, dtype):
+    """q, k, v as the model hands them to SDPA: q and k rotated into [B, T, H, D] tensors
+    of their own, v a strided slice of the fused projection's output, all three as
+    [B, H, T, D] transposed views; requiring grad."""
+    qkv = torch.randn(batch, seq_len, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    q = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, seq_len, kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = qkv[..., (heads + kv_heads) * head_dim:].view(batch, seq_len, kv_heads, head_dim).requires_grad_()
+    return q, k, v
+
+
+def _decode_layouts(batch, heads, kv_heads, seq_len, head_dim, device, dtype):
+    """One new token's q against the KV cache's filled part, as sampling hands them over."""
+    cache = torch.randn(2, batch, seq_len + 7, kv_heads, head_dim, device=device, dtype=dtype)
+    q = torch.randn(batch, 1, heads, head_dim, device=device, dtype=dtype)
+    return q, cache[0][:, :seq_len], cache[1][:, :seq_len]
+
+
+def _attend(name, q, k, v, causal):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(sdpa_backend(name)):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+
+
+def _relative(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def fastest_sdpa_backend(batch, heads, kv_heads, seq_len, head_dim, device, dtype, repeats=10):
-    """(name, {name: ms}) of SDPA's backends that run a causal forward + backward of this
-    shape on this device, fastest first (median of `repeats` after a warm-up; on CPU
-    timed the same way). Which one wins depends on the device, the shape and the versions
-    (cuDNN's is reported fastest for training on Hopper; head_dim 48 pads to 64 in
-    FlashAttention-2), so it is measured rather than assumed."""
+    """(name, {name: ms}, {name: why not chosen}) of SDPA's backends on this shape and device,
+    fastest first: each is timed on a causal forward + backward of the layouts the model
+    uses (median of `repeats` after a warm-up), and kept only if its output and gradients
+    agree with the math backend's on those inputs and it also decodes (one token against
+    the KV cache's slices) in agreement with it, since the trainer samples with the same
+    choice. Which one wins depends on the device, the shape and the versions (cuDNN's is
+    reported fastest for training on Hopper; head_dim 48 pads to 64 in FlashAttention-2),
+    so it is measured rather than assumed."""
     import statistics
     import time
 
-    from torch.nn.attention import sdpa_kernel
-
     device = torch.device(device)
-    q = torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(batch, kv_heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
-            for _ in range(2))
-    grad = torch.randn_like(q)
+    torch.manual_seed(0)
+    q, k, v = _model_layouts(batch, heads, kv_heads, seq_len, head_dim, device, dtype)
+    grad = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype)
+    decode = _decode_layouts(batch, heads, kv_heads, seq_len, head_dim, device, dtype)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = {}
+    def train_pass(name):
+        out = _attend(name, q, k, v, True)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    reference = train_pass("math"), _attend("math", *decode, False)
+    times, rejected = {}, {}
     for name in SDPA_BACKENDS:
         try:
-            with sdpa_kernel(sdpa_backend(name)):
-                runs = []
-                for _ in range(repeats + 1):
-                    sync()
-                    start = time.perf_counter()
-                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                           enable_gqa=heads != kv_heads)
-                    torch.autograd.grad(out, (q, k, v), grad)
-                    sync()
-                    runs.append((time.perf_counter() - start) * 1e3)
+            results = train_pass(name), _attend(name, *decode, False)
+            runs = []
+            for _ in range(repeats + 1):
+                sync()
+                start = time.perf_counter()
+                train_pass(name)
+                sync()
+                runs.append((time.perf_counter() - start) * 1e3)
         except (RuntimeError, NotImplementedError):  # "No available kernel": not this shape, not here
+            continue
+        parts = ("output", "dq", "dk", "dv")
+        errors = {part: _relative(a, b) for part, a, b in zip(parts, results[0], reference[0])}
+        errors["decode"] = _relative(results[1], reference[1])
+        worst = max(errors, key=errors.get)
+        if not errors[worst] <= SDPA_AGREEMENT:
+            rejected[name] = f"{worst} differs from the math backend's by {errors[worst]:.1e}"
             continue
         times[name] = statistics.median(runs[1:])
     times = dict(sorted(times.items(), key=lambda item: item[1]))
-    return next(iter(times)), times
+    return next(iter(times)), times, rejected

@@ -247,11 +247,15 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
+            # The RoPE tables are built on first use; built inside the first compiled call
+            # they would make the second one recompile (a guard on the cached tables).
+            self.model.rope_tables(self.device, self.seq_len)
             self.train_model = torch.compile(self.train_model)
         self.autocast = autocast(self.device)
         if compute_dtype(self.device) != torch.float32:
             self.use_compute_dtype(compute_dtype(self.device))
         self.graph, self.use_graph, self._graph_steps = None, self._graph_wanted(), 0
+        self.graph_error = None  # why the capture failed, when it did
 
         loader_device = self.device if self.device.type == "cuda" else None
         self.train_loader = TokenLoader(self.data, "train", cfg.batch_size, self.seq_len, seed=cfg.seed,
@@ -394,10 +398,11 @@ class Trainer:
         if self.device.type != "cuda":
             return "sdpa"
         cfg = self.model_cfg
-        best, times = fastest_sdpa_backend(self.cfg.batch_size, cfg.n_heads, cfg.n_kv_heads, self.seq_len,
-                                           cfg.head_dim, self.device, compute_dtype(self.device))
+        best, times, rejected = fastest_sdpa_backend(self.cfg.batch_size, cfg.n_heads, cfg.n_kv_heads,
+                                                     self.seq_len, cfg.head_dim, self.device, compute_dtype(self.device))
         self._print(f"attention: {best} (causal forward + backward, "
-                    + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()) + ")")
+                    + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items())
+                    + "".join(f"; {name} not used: {why}" for name, why in rejected.items()) + ")")
         return best
 
     def _graph_wanted(self):
@@ -489,7 +494,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.use_graph = False
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            self._print(f"note: the step could not be captured as a CUDA graph ({type(e).__name__}: {first}); "
+            self.graph_error = f"{type(e).__name__}: {first}"
+            self._print(f"note: the step could not be captured as a CUDA graph ({self.graph_error}); "
                         "it runs without one (--no-cuda-graph silences this)")
             self._update()
             return

@@ -10,6 +10,8 @@ import os
 import torch
 import triton
 
+from . import _compat
+
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the op
 # modules are imported: read it at the same moment so the check agrees.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -20,29 +22,9 @@ RECORDING = False
 RECORDING_SMS = 132
 RECORDING_MEMORY = 80 << 30  # an H100's
 
-
-def _interpreter_loop_bounds_fix():
-    """Triton 3.6's interpreter turns a scalar kernel argument used as a loop bound
-    (`range(0, n)`) into an int with `int(array)`, on a one-element array; NumPy 2.4 made
-    that an error (triton-lang/triton#9171, fixed after 3.6). Every kernel with a loop
-    over a runtime size hit it. Convert with `.item()` instead, inside the interpreter's
-    own patch scope, so the patch lives exactly as long as the interpreter's."""
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "tinyfuse_fixed", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor.tinyfuse_fixed = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
 if INTERPRETER:
-    _interpreter_loop_bounds_fix()
+    _compat.interpreter_loop_bounds_fix()
+_compat.inductor_fallback_message_fix()
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

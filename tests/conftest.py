@@ -7,6 +7,10 @@ import torch
 
 from helpers import DEVICE, SHARED_DATA
 
+# Deterministic algorithms (the fixture below) make cuBLAS refuse to run on CUDA unless its
+# workspace is fixed; cuBLAS reads this when its first handle is made.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 @pytest.fixture(autouse=True)
 def poison_uninitialized_memory():

@@ -25,6 +25,16 @@ if not CUDA:
 
 DEVICE = "cuda" if CUDA else "cpu"
 
+
+def gpu_only(reason):
+    """Skipped without CUDA, and marked `gpu` so that a GPU session runs just these
+    (`pytest -m gpu`, stage 4 of bench/gpu_run.sh)."""
+    import pytest
+
+    def mark(test):
+        return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason=reason)(test))
+    return mark
+
 # Inductor on CPU spends ~30 s compiling C++ per graph; aot_eager runs the same
 # dynamo tracing, fake-tensor propagation and AOT autograd that our torch.library
 # registrations must survive. test_compile.py runs full inductor once on CPU too.

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, rel_err
+from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, rel_err
 from tinyfuse.kernels import CrossEntropyLoss, cross_entropy, reference
 
 
@@ -206,7 +206,7 @@ def test_bad_inputs_get_clear_errors():
         cross_entropy(logits.long(), target)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: tensors on two devices")
+@gpu_only("needs a CUDA device: tensors on two devices")
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="target: expected a tensor on cuda"):
         cross_entropy(torch.randn(4, 10, device="cuda"), torch.zeros(4, dtype=torch.long))

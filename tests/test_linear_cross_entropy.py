@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, leaf, rel_err
+from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, leaf, rel_err
 from tinyfuse.kernels import LinearCrossEntropyLoss, linear_cross_entropy, reference
 from tinyfuse.kernels.linear_cross_entropy import default_chunk_size
 
@@ -164,7 +164,7 @@ def test_bad_inputs_get_clear_errors():
         linear_cross_entropy(hidden, weight, target, memory_budget=-1)
 
 
-@pytest.mark.skipif(not CUDA, reason="peak memory is measured with the CUDA allocator")
+@gpu_only("peak memory is measured with the CUDA allocator")
 def test_peak_memory_is_one_chunk_not_full_logits():
     n, d, v, chunk = 4096, 288, 32000, 256
     hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import gpu_only
 from tinyfuse.bench.loader import LOADERS, SHAPES, make_corpus
 from tinyfuse.engine.loader import ReferenceLoader, TokenLoader
 from tinyfuse.engine.shards import write_manifest
@@ -190,7 +191,7 @@ def test_missing_extension_says_how_to_build(prepared):
     assert "not built" in out and "pip install -e ." in out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the page-locked GPU path needs CUDA")
+@gpu_only("the page-locked GPU path needs CUDA")
 def test_cuda_batches_match_the_cpu_ones(tmp_path):
     stream = np.random.default_rng(1).integers(0, 65536, 3000)  # uint16 above 32767 checks the masking
     prepared = make_prepared(tmp_path / "d", {"train": [1000, 2000], "val": [0]}, "uint16", 65536, stream)

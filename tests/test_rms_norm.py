@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
+from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
 from tinyfuse.kernels import RMSNorm, add_rms_norm, reference, rms_norm
 
 
@@ -180,13 +180,13 @@ def test_bad_inputs_get_clear_errors():
         rms_norm(torch.randn(1, 65537, device=DEVICE), torch.randn(65537, device=DEVICE))
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: tensors on two devices")
+@gpu_only("needs a CUDA device: tensors on two devices")
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="weight: expected a tensor on cuda"):
         rms_norm(torch.randn(4, 64, device="cuda"), torch.randn(64))
 
 
-@pytest.mark.skipif(not CUDA, reason="over 2^31 elements: needs a GPU (4 GiB), far too slow in the interpreter")
+@gpu_only("over 2^31 elements: needs a GPU (4 GiB), far too slow in the interpreter")
 def test_int64_offsets():
     rows, hidden = (1 << 31) // 1024 + 64, 1024
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)

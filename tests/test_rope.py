@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
+from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
 from tinyfuse.kernels import reference, rope, rope_qkv, rope_tables
 
 
@@ -181,14 +181,14 @@ def test_bad_inputs_get_clear_errors():
         rope(q[0], k, cos, sin)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: tensors on two devices")
+@gpu_only("needs a CUDA device: tensors on two devices")
 def test_mixed_devices_rejected():
     cos, sin = rope_tables(8, 16)
     with pytest.raises(ValueError, match="cos: expected a tensor on cuda"):
         rope(torch.randn(1, 8, 4, 16, device="cuda"), torch.randn(1, 8, 2, 16, device="cuda"), cos, sin)
 
 
-@pytest.mark.skipif(not CUDA, reason="over 2^31 elements: needs a GPU (4 GiB), far too slow in the interpreter")
+@gpu_only("over 2^31 elements: needs a GPU (4 GiB), far too slow in the interpreter")
 def test_int64_offsets():
     B, T, H, D = 2, (1 << 30) // (8 * 128) + 16, 8, 128
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)

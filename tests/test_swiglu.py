@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
+from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
 from tinyfuse.kernels import SwiGLU, reference, swiglu
 
 
@@ -106,13 +106,13 @@ def test_bad_inputs_get_clear_errors():
         swiglu(g.int(), g)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: tensors on two devices")
+@gpu_only("needs a CUDA device: tensors on two devices")
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="up: expected a tensor on cuda"):
         swiglu(torch.randn(4, 8, device="cuda"), torch.randn(4, 8))
 
 
-@pytest.mark.skipif(not CUDA, reason="over 2^31 elements: needs a GPU (4 GiB), far too slow in the interpreter")
+@gpu_only("over 2^31 elements: needs a GPU (4 GiB), far too slow in the interpreter")
 def test_int64_offsets():
     rows, width = (1 << 31) // 4096 + 8, 4096
     gate = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import TINY_MODEL, metrics, rel_err, run_cli, tiny_run
+from helpers import gpu_only, TINY_MODEL, metrics, rel_err, run_cli, tiny_run
 from tinyfuse.engine import data
 from tinyfuse.engine.sample import generate, pick
 from tinyfuse.engine.runtime import device_peak_tflops
@@ -249,11 +249,29 @@ def test_attention_backends(prepared, tmp_path):
         losses[attention] = [r["loss"] for r in metrics(tmp_path / attention)]
     for attention in ("math", "flash", "auto"):
         assert losses[attention] == pytest.approx(losses["sdpa"], rel=1e-4), attention
-    best, times = fastest_sdpa_backend(2, 4, 2, 32, 8, "cpu", torch.float32, repeats=2)
-    assert best == next(iter(times)) and set(times) <= set(SDPA_BACKENDS) and "math" in times
+    best, times, rejected = fastest_sdpa_backend(2, 4, 2, 32, 8, "cpu", torch.float32, repeats=2)
+    assert best == next(iter(times)) and set(times) <= set(SDPA_BACKENDS) and "math" in times and not rejected
     assert list(times.values()) == sorted(times.values()) and min(times.values()) > 0
     result = run_cli("train", "--attention", "fastest", "--device", "cpu")
     assert result.returncode == 2 and "attention must be one of auto, sdpa, cudnn" in result.stderr
+
+
+def test_auto_attention_rejects_a_backend_that_disagrees_with_math(monkeypatch):
+    """The backends are compared with the math backend on the model's own layouts (strided
+    v, transposed views) and on one-token decoding against KV-cache slices: a backend wrong
+    only when decoding is not chosen, however fast."""
+    from tinyfuse.engine import runtime
+
+    attend = runtime._attend
+
+    def wrong_when_decoding(name, q, k, v, causal):
+        out = attend(name, q, k, v, causal)
+        return out * 1.1 if name == "flash" and q.shape[1] == 1 else out
+
+    monkeypatch.setattr(runtime, "_attend", wrong_when_decoding)
+    best, times, rejected = runtime.fastest_sdpa_backend(2, 4, 2, 32, 8, "cpu", torch.float32, repeats=1)
+    assert "flash" not in times and best in times
+    assert rejected["flash"].startswith("decode differs from the math backend's by 1.0e-01")
 
 
 def test_cuda_graph_flag_on_cpu_says_it_is_off(prepared, tmp_path, capsys):
@@ -263,7 +281,7 @@ def test_cuda_graph_flag_on_cpu_says_it_is_off(prepared, tmp_path, capsys):
     trainer.close()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@gpu_only("CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_cuda_graph_step_equals_the_eager_step(prepared, tmp_path, compile):
     """Replaying the captured step gives the losses, norms and parameters of running it
