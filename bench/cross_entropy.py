@@ -20,24 +20,23 @@ in the backward, as tinyfuse does, is not counted).
 """
 import sys
 
-import torch
 import torch.nn.functional as F
 from tinyfuse import kernels
 
-from .kernels import Case, compiled, leaf, liger, main_for, preset_shapes, sweep_vocab
+from .kernels import Case, compiled, leaf, liger, main_for, preset_shapes, sweep_vocab, targets
 
 OPS = ("cross_entropy", "linear_cross_entropy")
 
 
 def _make_ce(n, v):
     def make(device, dtype):
-        return leaf((n, v), device, dtype, scale=4.0), torch.randint(0, v, (n,), device=device)
+        return leaf((n, v), device, dtype, scale=4.0), targets(n, v, device)
     return make
 
 
 def _make_lce(n, d, v):
     def make(device, dtype):
-        return leaf((n, d), device, dtype), leaf((v, d), device, dtype, scale=0.02), torch.randint(0, v, (n,), device=device)
+        return leaf((n, d), device, dtype), leaf((v, d), device, dtype, scale=0.02), targets(n, v, device)
     return make
 
 

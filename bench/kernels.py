@@ -57,8 +57,20 @@ def sweep_vocab(smoke):
     return [(8, 512), (4, 2048)] if smoke else [((1 << 28) // v, v) for v in SWEEP_VOCAB]
 
 
+def random(shape, device, dtype=torch.float32, scale=1.0):
+    """Normal values drawn by the CPU's generator, then moved to the device. The CUDA
+    generator is left alone: a capture that fails part-way (an implementation that syncs
+    with the host) leaves it unusable ("Offset increment outside graph capture"), which
+    spoiled every later case of the first H200 run."""
+    return (torch.randn(shape) * scale).to(device=device, dtype=dtype)
+
+
+def targets(n, vocab, device):
+    return torch.randint(0, vocab, (n,)).to(device)
+
+
 def leaf(shape, device, dtype, scale=1.0):
-    return (torch.randn(shape, device=device) * scale).to(dtype).requires_grad_()
+    return random(shape, device, dtype, scale).requires_grad_()
 
 
 def compiled(fn, backend):
@@ -84,7 +96,7 @@ def _pass_fns(fn, args):
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     out = fn(*args)
     outs = out if isinstance(out, tuple) else (out,)
-    grads = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs]
+    grads = [torch.ones_like(o) if o.dim() == 0 else random(o.shape, o.device, o.dtype) for o in outs]
 
     def forward():
         return fn(*args)
@@ -127,8 +139,7 @@ def _impl_rows(case, impl, fn, device, dtype, itemsize, copy_bw, smoke, passes, 
                                         "(compare fwd+bwd)"})
             continue
         try:
-            timing = measure(fns[p], device, repeats=2 if smoke else repeats or 50, warmup=0 if smoke else 5,
-                             bytes_moved=moved)
+            timing = measure(fns[p], device, repeats=2 if smoke else repeats or 50, warmup=0 if smoke else 5)
             row.update(timing)
             row["peak_mem_mb"] = peak_mem_mb(fns[p], device)
         except Exception as e:

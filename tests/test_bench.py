@@ -1,7 +1,9 @@
 """The benchmark suite end to end at smoke sizes, its byte models, and `bench compare`."""
 import copy
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +63,9 @@ def test_smoke_suite_writes_every_output(smoke):
         assert s["preset"] == "stories260K" and s["tokens_per_s"] > 0 and "error" not in s
         assert set(s["breakdown"]) == {"data", "forward", "backward", "optimizer"}
         assert sum(s["breakdown"].values()) > 0 and {"mfu", "peak_mem_gb"} <= set(s)
+    logged = report.read_rows(out / "rows.jsonl")  # every row, as measured
+    assert logged["env"] == [env] and logged["kernels"] == results["kernels"]
+    assert logged["step"] == steps and len(logged["loader"]) == len(results["loader"])
     assert {r["impl"] for r in results["loader"]} == {"tinyfuse (C++)", "reference (numpy)"}
     assert all(r["tokens_per_s"] > 0 for r in results["loader"])
     md = (out / "results.md").read_text()
@@ -116,3 +121,77 @@ def test_forward_byte_model_counts_inputs_and_outputs(op):
         written = sum(o.numel() for o in (out if isinstance(out, tuple) else (out,)) if o.dim() > 0)
         gradient = read if op == "cross_entropy" else 0
         assert case.bytes["fwd"] == read + written + gradient, (op, case.shape)
+
+
+def test_selectors_and_the_budget_narrow_a_run(tmp_path):
+    """--presets picks the kernels' preset shapes and the step's presets, --no-sweep drops
+    the sweep, --step-rows names the step rows (a missing optional package is a skipped
+    row, not a failure), and a spent --budget records what did not start as skipped."""
+    result = bench("--smoke", "--only", "kernels", "step", "--ops", "rope", "--presets", "stories260K", "--no-sweep",
+                   "--step-rows", "tinyfuse-torch", "hf-liger", "--repeats", "1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["op"], r["group"]) for r in results["kernels"]} == {("rope", "stories260K")}
+    assert [(s["preset"], s["row"]) for s in results["step"]] == [("stories260K", "tinyfuse-torch"),
+                                                                ("stories260K", "hf-liger")]
+    assert results["step"][0]["tokens_per_s"] > 0 and results["step"][0]["cuda_graph"] is False
+    assert "Liger-Kernel is not installed" in results["step"][1]["skipped"]
+    spent = bench("--smoke", "--only", "kernels", "step", "--ops", "swiglu", "--step-rows", "tinyfuse",
+                  "--budget", "0", "--out", str(tmp_path / "spent"))
+    assert spent.returncode == 0, spent.stderr[-2000:]
+    results = json.loads((tmp_path / "spent" / "results.json").read_text())
+    assert results["kernels"] and all(r["skipped"] == "the run's time budget was spent" for r in results["kernels"])
+    assert [r.get("skipped") for r in results["step"]] == ["the run's time budget was spent"]
+    bad = bench("--smoke", "--step-rows", "tinyfuse-fast", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "invalid choice: 'tinyfuse-fast'" in bad.stderr
+
+
+def test_a_failed_capture_is_reported_as_such(monkeypatch, tmp_path):
+    """The row says whether the step really ran as a CUDA graph: a trainer that wanted one
+    and fell back (capture failed) is a row without a graph, with the reason."""
+    from tinyfuse.bench import step
+
+    real = step._tinyfuse_step
+
+    def capture_failed(*args):
+        trainer, run = real(*args)
+        trainer.use_graph, trainer.graph_error = False, "RuntimeError: operation not permitted when stream is capturing"
+        return trainer, run
+
+    monkeypatch.setattr(step, "_tinyfuse_step", capture_failed)
+    corpus = step.make_corpus(str(tmp_path / "c"), tokens=1 << 14, vocab=512, val_tokens=1 << 12)
+    row = step.measure_step("stories260K", "tinyfuse", "torch", False, "cpu", True, corpus)
+    assert row["cuda_graph"] is False and row["graph_error"].startswith("RuntimeError: operation not permitted")
+    assert row["row"] == "tinyfuse-torch" and row["attention"] == "sdpa" and row["loss"] > 0
+    assert "no (RuntimeError: operation not permitted" in report.step_table([row])
+
+
+def test_gpu_run_dry_run_returns_what_a_lease_brings_back(tmp_path):
+    """bench/gpu_run.sh --dry-run: every stage at smoke size on this CPU; what lands in $OUT
+    is at most 8 files, at most two folders down, named as the device tool returns them,
+    and the tarball holds each stage's folder."""
+    import re
+    import tarfile
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files), files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for p in files for part in p.relative_to(out).parts)
+    assert {p.name for p in files} == {"results.tar.gz", "rows.jsonl", "summary.md", "gpu_run.log"}
+    summary = (out / "summary.md").read_text()
+    for stage in ("| 0 | versions | ok |", "| 1 | main | ok |", "| 2 | step | ok |", "| 3 | kernels | ok |",
+                  "| 4 | gpu-tests | ok |", "| 5 | compiled-step | ok |"):
+        assert stage in summary, summary
+    rows = report.read_rows(out / "rows.jsonl")
+    assert rows["step"] and rows["kernels"] and all(r.get("error") is None for r in rows["kernels"])
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    for folder in ("1-main", "2-step", "3-kernels", "5-compiled-step"):
+        assert any(n.startswith(f"./{folder}/") for n in names), names
+    assert "./1-main/metrics.jsonl" in names and "./2-step/rows.jsonl" in names
+    bad = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage: bench/gpu_run.sh" in bad.stderr

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, rel_err
+from helpers import COMPILE_BACKEND, DEVICE, TOLERANCE, as_float64_leaf, rel_err, gpu_only
 from tinyfuse.kernels import CrossEntropyLoss, cross_entropy, reference
 
 

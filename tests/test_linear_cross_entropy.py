@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, TOLERANCE, as_float64_leaf, leaf, rel_err
+from helpers import COMPILE_BACKEND, DEVICE, TOLERANCE, as_float64_leaf, leaf, rel_err, gpu_only
 from tinyfuse.kernels import LinearCrossEntropyLoss, linear_cross_entropy, reference
 from tinyfuse.kernels.linear_cross_entropy import default_chunk_size
 

@@ -228,7 +228,7 @@ def test_torch_compile_fullgraph_around_the_patched_model():
     assert_same_grads(plain, patched)
 
 
-def test_patching_the_classes_patches_models_built_afterwards():
+def test_patching_the_classes_patches_models_built_afterwards(tmp_path):
     """In a child process: a class patch lasts for the process."""
     code = f"""
 import torch
@@ -249,5 +249,129 @@ ids, _, labels = batch()
 assert rel_err(patched(ids, labels=labels).loss, plain(ids, labels=labels).loss) < TOL
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_an_instance_patch_leaves_other_models_untouched():
+    """The RoPE stand-in sits in the modeling module for every model of the family; an
+    unpatched model still runs Hugging Face's own code, bit for bit."""
+    plain = build("llama")
+    ids, _, labels = batch()
+    with torch.no_grad():
+        before = plain(ids, labels=labels)
+    patch_transformers(copy.deepcopy(plain))
+    with torch.no_grad(), profile() as prof:
+        after = plain(ids, labels=labels)
+    assert not [e.name for e in prof.events() if e.name.startswith("tinyfuse::")]
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+
+
+def test_shift_labels_and_the_cache_keyword():
+    """Labels already shifted (shift_labels) give Hugging Face's loss; decoding with the
+    cache object under whichever keyword this transformers takes gives the same logits."""
+    import inspect
+
+    plain, patched = pair("qwen2")
+    ids, _, labels = batch()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    ref = plain(ids, labels=labels, shift_labels=shifted).loss
+    got = patched(ids, labels=labels, shift_labels=shifted).loss
+    assert rel_err(got, ref) < TOL
+    keyword = "cache" if "cache" in inspect.signature(type(plain.model).forward).parameters else "past_key_values"
+    plain.eval()
+    patched.eval()
+    with torch.no_grad():
+        logits = []
+        for model in (plain, patched):
+            first = model(ids[:, :-1], use_cache=True)
+            cache = getattr(first, "past_key_values", None)
+            logits.append(model(ids[:, -1:], use_cache=True, **{keyword: cache}).logits)
+    assert rel_err(logits[1], logits[0]) < TOL
+
+
+def test_class_patching_leaves_a_gelu_mlp_to_hugging_face_with_one_warning(tmp_path):
+    """transformers' own model tests build GELU Llamas after a class patch: they build and
+    run, the MLP left to Hugging Face's code (one warning), the rest patched. On an
+    instance, swiglu=True (asked for explicitly) refuses the same model."""
+    code = f"""
+import warnings
+import torch
+from tinyfuse.engine.runtime import select_backend
+select_backend()
+import transformers
+from tinyfuse.kernels import patch_transformers
+patch_transformers()
+config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=24, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = transformers.LlamaForCausalLM(config)
+    transformers.LlamaForCausalLM(config)  # a second model: no second warning
+said = [str(w.message) for w in caught if "patch_transformers" in str(w.message)]
+assert said == ["patch_transformers: swiglu left to Hugging Face's code in LlamaMLP: swiglu replaces a SiLU-gated "
+                "MLP; this one's hidden_act is 'gelu'"], said
+assert not hasattr(model.model.layers[0].mlp, "_tinyfuse_patched")
+assert model.model.norm._tinyfuse_patched == ("rms_norm",)
+ids = torch.randint(0, 96, (2, 9))
+loss = model(ids, labels=ids).loss
+loss.backward()
+assert torch.isfinite(loss)
+try:
+    patch_transformers(transformers.LlamaForCausalLM(config), swiglu=True)
+except TypeError as e:
+    assert "hidden_act is 'gelu': patch with swiglu=False" in str(e), e
+else:
+    raise AssertionError("swiglu=True on a GELU model did not raise")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_the_kernels_package_path(tmp_path):
+    """kernels.kernelize with tinyfuse's mapping (this install's classes, no download)
+    puts tinyfuse's RMSNorm and RoPE into a model: same loss and gradients, and the
+    profiler sees them run. In a child process (kernelizing the RoPE function reaches
+    every model of the family) started outside the checkout (whose kernels/ folder would
+    shadow the `kernels` package)."""
+    code = f"""
+import torch
+from tinyfuse.engine.runtime import select_backend
+select_backend()
+import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+from torch.profiler import profile
+import importlib.metadata
+try:
+    from kernels import Mode, kernelize, use_kernel_mapping
+except ImportError:
+    print("skip: the kernels package is not installed")
+    raise SystemExit
+import transformers
+from transformers.utils.import_utils import is_kernels_available
+if not is_kernels_available():
+    print(f"skip: transformers {{transformers.__version__}} does not take kernels "
+          f"{{importlib.metadata.version('kernels')}} (its declared range; no release of that range reachable)")
+    raise SystemExit
+from test_patch_transformers import build, batch, rel_err, assert_same_grads, TOL
+from tinyfuse.kernels.huggingface import kernel_mapping
+ids, _, labels = batch()
+plain = build("llama")
+ref = plain(ids, labels=labels).loss  # before kernelize: the RoPE function it replaces is the family's one object
+ref.backward()
+model = build("llama")  # the same weights; not a deepcopy, whose copied function kernelize would replace instead
+with use_kernel_mapping(kernel_mapping(), inherit_mapping=False):
+    kernelize(model, mode=Mode.TRAINING, device={DEVICE!r})
+with profile() as prof:
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+ran = {{e.name for e in prof.events() if e.name.startswith("tinyfuse::")}}
+assert {{"tinyfuse::rms_norm_forward", "tinyfuse::rms_norm_backward", "tinyfuse::rope"}} <= ran, ran
+assert rel_err(loss, ref) < TOL
+assert_same_grads(plain, model)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if result.stdout.startswith("skip: "):
+        pytest.skip(result.stdout.strip().removeprefix("skip: "))
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

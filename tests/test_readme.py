@@ -41,6 +41,8 @@ COMMANDS = {
     "tinyfuse export --checkpoint runs/ft --format llama2c-v0 --out ft.bin": ([], {}),
     "tinyfuse export --checkpoint runs/ft --format hf --out ft-hf": ([], {}),
     "tinyfuse bench --out bench/results/h100": (["--smoke", "--only", "loader"], {}),
+    "tinyfuse bench --presets stories15M --no-sweep --step-rows tinyfuse hf --repeats 20 --budget 300":
+        (["--smoke", "--only", "loader"], {}),
     "tinyfuse bench --only kernels --ops rope swiglu": (["--smoke"], {}),
     "tinyfuse bench --smoke": (["--only", "loader"], {}),
     "tinyfuse bench compare bench/results/h100/results.json bench-results/results.json": ([], {}),

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import gpu_only, COMPILE_BACKEND, CUDA, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err
+from helpers import COMPILE_BACKEND, DEVICE, DTYPES, TOLERANCE, as_float64_leaf, leaf, rel_err, gpu_only
 from tinyfuse.kernels import reference, rope, rope_qkv, rope_tables
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import gpu_only, TINY_MODEL, metrics, rel_err, run_cli, tiny_run
+from helpers import TINY_MODEL, metrics, rel_err, run_cli, tiny_run, gpu_only
 from tinyfuse.engine import data
 from tinyfuse.engine.sample import generate, pick
 from tinyfuse.engine.runtime import device_peak_tflops
