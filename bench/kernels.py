@@ -11,6 +11,7 @@ linear cross-entropy is bound by its matmuls, so it reports TFLOP/s instead.
 """
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -210,8 +211,12 @@ def main_for(module, argv=None):
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        print("no CUDA device here: measuring the smoke sizes in Triton's interpreter (a code-path check, not "
+              "speed)", file=sys.stderr)
+        args.smoke = True
     copy_bw = copy_gbps(device, args.smoke)
-    rows = run(device, [module], args.smoke, copy_bw=copy_bw, progress=lambda m: None)
+    rows = run(device, [module], args.smoke, copy_bw=copy_bw, progress=lambda m: print(m, file=sys.stderr))
     from .report import kernel_table
 
     print(kernel_table(rows))

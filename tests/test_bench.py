@@ -195,3 +195,18 @@ def test_gpu_run_dry_run_returns_what_a_lease_brings_back(tmp_path):
     assert "./1-main/metrics.jsonl" in names and "./2-step/rows.jsonl" in names
     bad = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage: bench/gpu_run.sh" in bad.stderr
+
+
+def test_smoke_without_transformers_skips_its_rows(tmp_path):
+    """After the main job's install (no transformers), the Hugging Face step rows are
+    skipped with a note and the run exits 0."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from tinyfuse.engine.cli import main\n"
+            f"sys.exit(main(['bench', '--smoke', '--only', 'step', '--step-rows', 'tinyfuse-torch', 'hf', "
+            f"'--out', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r.get("skipped") for r in results["step"]] == [None, "transformers is not installed (pip install -e \".[test]\")"]
+    assert any("step rows skipped: transformers is not installed" in n for n in results["notes"])
+    assert "skipped: transformers is not installed" in result.stdout

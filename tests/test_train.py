@@ -274,6 +274,21 @@ def test_auto_attention_rejects_a_backend_that_disagrees_with_math(monkeypatch):
     assert rejected["flash"].startswith("decode differs from the math backend's by 1.0e-01")
 
 
+def test_compiled_step_compiles_once(prepared, tmp_path):
+    """--compile: the RoPE tables are built before the model is compiled, so the first
+    compiled call does not build them and the second does not recompile (a guard on the
+    cached tables did: every compiled bench row compiled twice)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    trainer = Trainer(tiny_run(prepared, tmp_path, compile=True, max_steps=3), quiet=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            trainer.train_step()
+    trainer.close()
+    torch._dynamo.reset()
+
+
 def test_cuda_graph_flag_on_cpu_says_it_is_off(prepared, tmp_path, capsys):
     trainer = Trainer(tiny_run(prepared, tmp_path, cuda_graph=True, max_steps=2))
     assert not trainer.use_graph
