@@ -480,16 +480,17 @@ def run(arches=(90,), ops=None, steps=True, progress=None):
 
 
 def table(result):
-    """The terminal table: one line per op, pass and shape, the worst launch's figures."""
-    lines = [f"{'op':<22}{'pass':<5}{'group':<12}{'bytes/min':>10}{'regs':>6}{'spill':>7}{'blk/SM':>7}"
+    """The terminal table: one line per architecture, op, pass and shape, the worst launch's
+    figures."""
+    lines = [f"{'arch':<6}{'op':<22}{'pass':<9}{'group':<13}{'bytes/min':>10}{'regs':>6}{'spill':>7}{'blk/SM':>7}"
              f"{'waves':>8}{'last':>6}  global accesses (bits: count)"]
-    for r in result["kernels"]:
-        if r["arch"] != result["arch"][0] or not r["launches"]:
+    for r in sorted(result["kernels"], key=lambda r: result["arch"].index(r["arch"])):  # the order asked for
+        if not r["launches"]:
             continue
         worst = max(r["launches"], key=lambda launch: launch["registers"] or 0)
         access = " ".join(f"{k}:{v}" for k, v in sorted(worst["global"].items()))
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-        lines.append(f"{r['op']:<22}{r['pass']:<5}{r['group']:<12}{ratio:>10}{worst['registers']:>6}"
+        lines.append(f"sm_{r['arch']:<3}{r['op']:<22}{r['pass']:<9}{r['group']:<13}{ratio:>10}{worst['registers']:>6}"
                      f"{worst['local_bytes']:>7}{worst['blocks_per_sm']:>7}{worst['waves']:>8.2f}"
                      f"{worst['last_wave_busy']:>6.2f}  {access}")
     for s in result["steps"]:

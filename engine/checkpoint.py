@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -543,9 +544,15 @@ def load_training_state(out):
 
 def load_checkpoint(path):
     """Weights from any supported format, recognised by content rather than by name. A run
-    folder stands for its newest checkpoint."""
+    folder stands for its newest intact checkpoint, by the rule --resume follows
+    (load_training_state): a damaged newest file falls back to the one before it, with a
+    line on stderr for each one skipped."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and run_checkpoints(path):
-        path = run_checkpoints(path)[-1]
+        obj, skipped = load_training_state(path)
+        for skipped_path, why in skipped:
+            print(f"skipped {skipped_path}: {why}", file=sys.stderr)
+        cfg, state = _native_model(path, obj)
+        return Weights(cfg, state, obj.get("tokenizer"), "tinyfuse")
     if os.path.isdir(path):
         cfg, tensors, tokenizer = _read_hf(path)
         return Weights(cfg, from_llama2c(tensors, cfg, path), tokenizer, "hf")

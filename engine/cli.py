@@ -1,4 +1,8 @@
-"""The `tinyfuse` command line (also `python -m tinyfuse.engine`)."""
+"""The `tinyfuse` command line (also `python -m tinyfuse.engine`).
+
+Exit codes, every command: 0 done; 1 the work ran and failed (a check found problems, the
+loss diverged, a measurement failed); 2 nothing was done: bad flags, settings or input
+files, in one line; 128 + N stopped by signal N (training writes a checkpoint first)."""
 import argparse
 import os
 import signal
@@ -33,7 +37,7 @@ def prepare(args):
         )
     except (DataError, FileNotFoundError, OSError) as e:
         print(f"tinyfuse prepare: {e}", file=sys.stderr)
-        return 1
+        return 2
     for split in ("train", "val"):
         shards = [s for s in manifest["shards"] if s["split"] == split]
         tokens, stories = sum(s["tokens"] for s in shards), sum(s["stories"] for s in shards)
@@ -42,9 +46,11 @@ def prepare(args):
     return 0
 
 
-def _add_dataclass_flags(parser, cls, title):
+def _add_dataclass_flags(parser, cls, title, shown=None, shown_as="default"):
     """One flag per field of a settings dataclass, its help, default and choices taken from
-    the field (engine.model.setting); a flag left out keeps the TOML's or the default."""
+    the field (engine.model.setting); a flag left out keeps the TOML's or the default.
+    shown: the values a run with no flags uses, where they are not the field's default
+    (the model's: the default preset's), named in the help as `shown_as`."""
     import dataclasses
 
     from .model import setting_kind
@@ -56,7 +62,8 @@ def _add_dataclass_flags(parser, cls, title):
             continue
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
-        default = "" if f.default is None else f" (default: {f.default})"
+        value = f.default if shown is None else shown.get(f.name)
+        default = "" if value is None else f" ({shown_as}: {value})"
         if choices:
             help = f"{f.metadata['help']}; one of {', '.join(choices)}{default}"
         else:
@@ -112,6 +119,7 @@ def train(args):
     select_backend()
     from .checkpoint import load_training_state, run_checkpoints
     from .data import prepare as run_prepare
+    from .files import FolderLock
     from .shards import DataError, read_manifest
     from .train import Interrupted, Trainer
 
@@ -130,9 +138,15 @@ def train(args):
                 print("tinyfuse train: under torchrun, prepare the data first (tinyfuse prepare --out DIR) "
                       "and pass --data DIR", file=sys.stderr)
                 return 2
-            print(f"preparing the built-in synthetic corpus in {cfg.data} (once)", flush=True)
             try:
-                run_prepare("synthetic", cfg.data, vocab_size=512)
+                # two first runs at once: one prepares, the other waits and finds it done
+                lock = FolderLock(os.path.dirname(cfg.data), what="cache", wait=True)
+                try:
+                    if not os.path.isfile(os.path.join(cfg.data, "manifest.json")):
+                        print(f"preparing the built-in synthetic corpus in {cfg.data} (once)", flush=True)
+                        run_prepare("synthetic", cfg.data, vocab_size=512)
+                finally:
+                    lock.release()
             except (DataError, OSError) as e:
                 print(f"tinyfuse train: {e}", file=sys.stderr)
                 return 2
@@ -150,6 +164,11 @@ def train(args):
         print(f"tinyfuse train: {e}", file=sys.stderr)
         return 2
     say = print if trainer.master else (lambda *a, **k: None)
+    if args.resume and trainer.step >= cfg.max_steps:
+        trainer.close()
+        say(f"nothing to do: {cfg.out} is at step {trainer.step} of --max-steps {cfg.max_steps}; "
+            "give a larger --max-steps to train on")
+        return 0
     m = trainer.model_cfg
     say(f"training {cfg.preset if not cfg.init_from else cfg.init_from} ({trainer.model.num_params() / 1e6:.2f}M parameters: "
           f"dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, {m.n_kv_heads} kv heads, vocab {m.vocab_size}) "
@@ -336,8 +355,13 @@ def build_parser():
                                    "then from the flags, which win.")
     p.add_argument("--config", help="a TOML file of training settings")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    from .model import preset
+
     _add_dataclass_flags(p, TrainConfig, "training")
-    _add_dataclass_flags(p, ModelConfig, "model (overrides the preset's; not with --init-from)")
+    default_preset = TrainConfig.preset
+    model_defaults = {**preset(default_preset).to_dict(), "vocab_size": None}  # the data's
+    _add_dataclass_flags(p, ModelConfig, "model (overrides the preset's; not with --init-from)", model_defaults,
+                         f"default: {default_preset}'s")
     p.set_defaults(func=train)
 
     p = sub.add_parser("sample", help="generate a story from a checkpoint")

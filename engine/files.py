@@ -59,14 +59,15 @@ def default_mode(path):
 
 class FolderLock:
     """An exclusive lock on a folder (`.lock` inside it, flock): a second process is refused
-    with the first one's PID. Released when the process exits, however it exits."""
+    with the first one's PID, or with wait=True waits its turn. Released when the process
+    exits, however it exits."""
 
-    def __init__(self, folder, what="run folder"):
+    def __init__(self, folder, what="run folder", wait=False):
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, ".lock")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as e:
             owner = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)

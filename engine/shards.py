@@ -98,6 +98,12 @@ def read_manifest(data_dir):
     """The folder's manifest, checked: every field of the right kind, every path inside the
     folder. Anything else is one DataError naming the entry."""
     path = os.path.join(data_dir, MANIFEST)
+    if os.path.isfile(data_dir):  # a corpus given where a prepared folder belongs
+        stem = os.path.splitext(os.path.basename(data_dir))[0] or "corpus"
+        raise FileNotFoundError(
+            f"{data_dir!r} is a file, not a prepared folder; tokenize it first: "
+            f"`tinyfuse prepare --source {data_dir} --out data/{stem}`, then train with --data data/{stem}"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{data_dir!r} holds no prepared data ({MANIFEST} is missing); "
@@ -168,8 +174,10 @@ def split_shards(data_dir, split, manifest=None):
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise FileNotFoundError(f"shard {path} is missing or unreadable; re-run `tinyfuse prepare`")
         size = os.path.getsize(path)
-        if size % itemsize:
-            raise DataError(f"shard {path} has {size} bytes, not a multiple of the {itemsize}-byte {manifest['dtype']} token")
+        if size != shard["tokens"] * itemsize:  # the rule of `tinyfuse prepare --verify`
+            raise DataError(f"shard {path} has {size} bytes; {MANIFEST} records {shard['tokens']} {manifest['dtype']} "
+                            f"tokens = {shard['tokens'] * itemsize} bytes (truncated or replaced?); re-run "
+                            "`tinyfuse prepare`")
         paths.append(path)
         counts.append(size // itemsize)
     if not paths:

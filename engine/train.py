@@ -551,8 +551,6 @@ class Trainer:
             while self.step < cfg.max_steps:
                 self.train_step()
                 window_steps += 1
-                self.progress.update(lambda: f"loss {mean_loss():.4f}  "
-                                   f"{format_rate(window_steps * self.tokens_per_step / (time.perf_counter() - window_start))} tok/s")
                 last = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or last:
                     self.check_bad_steps()
@@ -570,6 +568,10 @@ class Trainer:
                         record["val_loss"] = self.evaluate()
                     self._log(record, metrics_path)
                     self.loss_sum.zero_()
+                # after a log step's line, which stands for its progress line too
+                logged = self.step % cfg.log_every == 0 or last
+                rate = lambda: window_steps * self.tokens_per_step / (time.perf_counter() - window_start)  # noqa: E731
+                self.progress.update(None if logged else lambda: f"loss {mean_loss():.4f}  {format_rate(rate())} tok/s")
                 if self.step % cfg.ckpt_every == 0 or last:
                     self.save()
                 if self.step % cfg.log_every == 0 or last:  # time the next window from here

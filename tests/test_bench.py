@@ -210,3 +210,16 @@ def test_smoke_without_transformers_skips_its_rows(tmp_path):
     assert [r.get("skipped") for r in results["step"]] == [None, "transformers is not installed (pip install -e \".[test]\")"]
     assert any("step rows skipped: transformers is not installed" in n for n in results["notes"])
     assert "skipped: transformers is not installed" in result.stdout
+
+
+def test_gpu_sizes_on_a_cpu_say_so_and_run_the_smoke_sizes(tmp_path):
+    """`python -m tinyfuse.bench.swiglu` and `tinyfuse bench` on a machine without CUDA do not
+    start the GPU-size suite in the interpreter (hours): they say so, run the smoke sizes and
+    show their progress."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the GPU sizes are what it should run")
+    op = subprocess.run([sys.executable, "-m", "tinyfuse.bench.swiglu"], capture_output=True, text=True, timeout=600)
+    assert op.returncode == 0 and "no CUDA device here" in op.stderr and "kernels: swiglu" in op.stderr, op.stderr
+    suite_run = bench("--only", "kernels", "--ops", "swiglu", "--out", str(tmp_path))
+    assert suite_run.returncode == 0 and "no CUDA device here" in suite_run.stderr, suite_run.stderr[-2000:]
+    assert json.loads((tmp_path / "results.json").read_text())["smoke"] is True

@@ -117,7 +117,7 @@ def test_path_sources_json_folder_and_blank_lines(tmp_path):
 
 def test_prepare_bad_input(tmp_path):
     result = run_cli("prepare", "--source", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
-    assert result.returncode == 1 and "no such file or folder" in result.stderr
+    assert result.returncode == 2 and "no such file or folder" in result.stderr
     result = run_cli("prepare", "--tokenizer", "x.model", "--vocab-size", "400", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "not allowed with" in result.stderr
     with pytest.raises(data.DataError, match="at least 260"):

@@ -141,7 +141,11 @@ def test_bad_input(tmp_path, prepared):
     broken = make_prepared(tmp_path / "broken", {"train": [100, 100], "val": [50]})
     with open(os.path.join(broken, "train_001.bin"), "ab") as f:
         f.write(b"\x00")
-    with pytest.raises(ValueError, match="not a multiple of the 2-byte"):
+    with pytest.raises(ValueError, match="has 201 bytes; manifest.json records 100 uint16 tokens = 200 bytes"):
+        TokenLoader(broken, batch_size=2, seq_len=8)
+    with open(os.path.join(broken, "train_001.bin"), "r+b") as f:  # truncated in place to whole tokens
+        f.truncate(100)
+    with pytest.raises(ValueError, match="has 100 bytes; manifest.json records 100 uint16 tokens"):
         TokenLoader(broken, batch_size=2, seq_len=8)
     os.remove(os.path.join(broken, "train_001.bin"))
     with pytest.raises(FileNotFoundError, match="train_001.bin is missing"):

@@ -45,3 +45,19 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, "the README keeps exactly two set-up commands"
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in open(os.path.join(root, ".ci", "run")).read()
+
+
+def test_train_help_shows_what_a_run_without_flags_uses():
+    """The model flags' defaults are the default preset's (stories260K), not ModelConfig's;
+    the vocabulary is the data's."""
+    from tinyfuse.engine.cli import build_parser
+    from tinyfuse.engine.model import preset
+
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    helps = {a.option_strings[0]: a.help for a in train._actions if a.option_strings}
+    shape = preset("stories260K")
+    for flag, value in (("--dim", shape.dim), ("--n-layers", shape.n_layers), ("--max-seq-len", shape.max_seq_len),
+                        ("--n-kv-heads", shape.n_kv_heads), ("--hidden-dim", shape.hidden_dim)):
+        assert helps[flag].endswith(f"(default: stories260K's: {value})"), (flag, helps[flag])
+    assert helps["--vocab-size"] == "vocabulary size; default: the data's"
+    assert helps["--batch-size"].endswith("(default: 8)")

@@ -100,7 +100,7 @@ def test_prepare_refuses_a_folder_with_other_files_and_keeps_them(tmp_path):
     out.mkdir()
     (out / "stories260K.bin").write_bytes(b"precious")
     result = run_cli("prepare", "--out", str(out), "--stories", "300")
-    assert result.returncode == 1 and "not a tinyfuse dataset" in result.stderr and "--force" in result.stderr
+    assert result.returncode == 2 and "not a tinyfuse dataset" in result.stderr and "--force" in result.stderr
     assert (out / "stories260K.bin").read_bytes() == b"precious"
     assert run_cli("prepare", "--out", str(out), "--stories", "300", "--force").returncode == 0
     assert (out / "stories260K.bin").read_bytes() == b"precious" and (out / "manifest.json").exists()
@@ -114,7 +114,7 @@ def test_a_failed_rerun_leaves_the_dataset_intact(tmp_path, bad):
     data.prepare("synthetic", str(out), vocab_size=400, stories=300, quiet=True)
     before = {p: (out / p).read_bytes() for p in os.listdir(out)}
     result = run_cli("prepare", "--out", str(out), "--stories", "300", *bad)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
     assert sorted(os.listdir(tmp_path)) == ["d"]
 
@@ -225,6 +225,21 @@ def test_resume_skips_a_damaged_newest_checkpoint(run, prepared, tmp_path):
                      *flags(max_steps=6))
     assert result.returncode == 0, result.stderr
     assert f"skipped {newest}" in result.stdout and metrics(out)[-1]["step"] == 6
+
+
+def test_sample_eval_and_export_take_a_run_folder_by_resume_s_rule(run, prepared, tmp_path):
+    """--checkpoint RUN_FOLDER: the newest intact checkpoint, as --resume finds it (one rule
+    for both), with a line for the damaged one skipped."""
+    out = tmp_path / "r"
+    shutil.copytree(run, out)
+    newest = run_checkpoints(str(out))[-1]
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    result = run_cli("sample", "--checkpoint", str(out), "--max-new-tokens", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {newest}" in result.stderr
+    result = run_cli("export", "--checkpoint", str(out), "--format", "llama2c-v0", "--out", str(tmp_path / "m.bin"))
+    assert result.returncode == 0 and (tmp_path / "m.bin").stat().st_size > 0, result.stderr
 
 
 def flags(**values):
@@ -347,7 +362,7 @@ def test_non_utf8_source_names_the_byte(tmp_path):
     source = tmp_path / "stories.txt"
     source.write_bytes("Once upon a time.\n\nA cat sat.".encode() + b"\xff\xfe rest")
     result = run_cli("prepare", "--source", str(source), "--out", str(tmp_path / "o"))
-    assert result.returncode == 1 and "not UTF-8" in result.stderr and "offset 29" in result.stderr, result.stderr
+    assert result.returncode == 2 and "not UTF-8" in result.stderr and "offset 29" in result.stderr, result.stderr
 
 
 def test_cross_entropy_with_no_classes():

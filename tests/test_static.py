@@ -181,3 +181,17 @@ def test_rows_per_program_fills_the_last_wave(monkeypatch):
     assert choose(16384, 64, 16) == (16, 4)  # under a wave whatever the rows: the fullest, 1024 values
     assert choose(16384, 8192, 1) == (1, 8)  # a row is a program's worth
     assert choose(0, 1024, 8) == (4, 4)
+
+
+def test_terminal_table_shows_every_architecture():
+    """--arch 90,80: both architectures' rows, each named, the columns apart."""
+    from tinyfuse.bench.static import table
+
+    launch = {"registers": 32, "global": {"128": 4}, "local_bytes": 0, "blocks_per_sm": 16, "waves": 1.0,
+              "last_wave_busy": 1.0}
+    rows = [{"op": "swiglu", "pass": "fwd+bwd", "group": "stories260K", "ratio": 1.0, "arch": arch,
+             "launches": [launch]} for arch in (90, 80)]
+    lines = table({"arch": [90, 80], "kernels": rows, "steps": []}).splitlines()
+    assert lines[0].startswith("arch  op")
+    assert [line[:6] for line in lines[1:]] == ["sm_90 ", "sm_80 "]
+    assert all("fwd+bwd  stories260K" in line for line in lines[1:])

@@ -83,6 +83,13 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(prepared, tmp_path):
     assert metrics(out)[-1]["step"] == step + 2
     result = run_cli(*args[:-10], "--max-steps", str(step + 4), "--device", "cpu")
     assert result.returncode == 2 and "pass --resume" in result.stderr
+    finished = run_cli("train", "--out", str(out), "--resume", "--device", "cpu")  # its own settings: done
+    assert finished.returncode == 0 and f"nothing to do: {out} is at step {step + 2} of --max-steps {step + 2}" \
+        in finished.stdout, finished.stdout + finished.stderr
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("Once upon a time.")
+    result = run_cli("train", "--data", str(corpus), "--device", "cpu")
+    assert result.returncode == 2 and f"tinyfuse prepare --source {corpus} --out data/stories`" in result.stderr
 
 
 def test_non_finite_steps_are_skipped_then_abort(prepared, tmp_path):
@@ -330,3 +337,42 @@ def test_loader_reads_into_static_buffers(prepared):
         assert a.state_dict() == b.state_dict()
         with pytest.raises(ValueError, match=r"read_into: expected two \[3, 16\] buffers"):
             a.read_into(x[:2], y[:2])
+
+
+def test_progress_lines_come_on_time(monkeypatch):
+    """Off a terminal, a line is printed before `every` seconds pass, not once they have:
+    with 3-second steps and every=10, lines 9 s apart (never 12); one line a log step."""
+    import io
+
+    from tinyfuse.engine import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    bar = progress.Progress(40, "tokenize", "story", stream=out)
+    printed = []
+    for _ in range(40):
+        clock[0] += 3.0
+        before = out.getvalue().count("\n")
+        bar.update(lambda: "status")
+        if out.getvalue().count("\n") > before:
+            printed.append(clock[0])
+    gaps = [b - a for a, b in zip([0.0] + printed, printed)]
+    assert gaps and max(gaps) <= 10.0 and min(gaps) >= 9.0, gaps
+    assert out.getvalue().splitlines()[0] == "tokenize      3/40 stories  status"
+    assert progress.Progress(1, "eval", "batch", enabled=False).units == "batches"
+
+
+def test_two_first_runs_at_once_share_the_corpus_cache(tmp_path):
+    """Two `tinyfuse train` started together on a machine without the built-in corpus: one
+    prepares it while the other waits for it; both train, and the cache is intact."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    small = ["--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--dim", "16", "--n-layers", "1",
+             "--n-heads", "2", "--n-kv-heads", "2", "--eval-batches", "1", "--sample-tokens", "0", "--device", "cpu"]
+    runs = [subprocess.Popen(["tinyfuse", "train", *small, "--out", str(tmp_path / f"run{i}")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err
+    assert sum("preparing the built-in synthetic corpus" in out for out, _ in outputs) == 1
+    assert run_cli("prepare", "--verify", str(tmp_path / "cache" / "tinyfuse" / "synthetic-512")).returncode == 0
