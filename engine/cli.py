@@ -153,6 +153,11 @@ def train(args):
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
+        existing = cfg.out
+        while existing and not os.path.exists(existing):  # the nearest part of --out that exists
+            existing = os.path.dirname(existing)
+        if existing and not os.path.isdir(existing):
+            raise ValueError(f"--out {cfg.out}: {existing} is a file, not a folder; choose another --out")
         read_manifest(cfg.data)
         trainer = Trainer(cfg)  # holds the run folder from here: a second run into it is refused
         if args.resume:
@@ -238,6 +243,7 @@ def evaluate(args):
     """Loss, perplexity and bits per byte of a checkpoint over held-out stories."""
     select_backend()
     import json
+    import math
 
     from .evaluate import evaluate as run_evaluate, prepared_stories, text_stories
     from .shards import DataError, is_prepared, read_manifest
@@ -261,8 +267,8 @@ def evaluate(args):
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"tinyfuse eval: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # JSON has no NaN or inf: those figures are null
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}))
     else:
         print(f"{args.checkpoint} on {args.data}: loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
               f"bpb {result['bpb']:.4f}  ({result['stories']} stories, {result['tokens']} tokens, "

@@ -71,5 +71,6 @@ def evaluate(model, sp, stories, batch_tokens=16384, progress=False):
     model.train(was_training)
     n_tokens = sum(len(s) - 1 for s in stories)
     loss = total.item() / n_tokens
-    return {"loss": loss, "ppl": math.exp(loss), "bpb": total.item() / math.log(2) / n_bytes,
+    ppl = math.inf if loss > 700 else math.exp(loss)  # exp raises OverflowError past ~709
+    return {"loss": loss, "ppl": ppl, "bpb": total.item() / math.log(2) / n_bytes,
             "tokens": n_tokens, "bytes": n_bytes, "stories": len(stories)}

@@ -1,4 +1,6 @@
 """Sampling with a KV cache: temperature, nucleus (top-p), seeded, stopping at BOS or EOS."""
+import math
+
 import torch
 
 from .progress import Progress
@@ -24,8 +26,10 @@ def pick(logits, temperature, top_p, generator):
 def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed=0, stop=(), progress=False):
     """Token ids continuing `prompt` (a list starting with BOS) until a stop id, the token
     budget, or the model's context runs out."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1:  # NaN fails both
+        raise ValueError(f"temperature must be a finite number >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
     if not prompt:
         raise ValueError("the prompt needs at least one token (BOS)")
     device = model.tok_embeddings.weight.device
@@ -42,6 +46,9 @@ def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed
         logits = model.forward_cached(torch.tensor([prompt], device=device), caches, 0)
         out, position = [], len(prompt)  # position: where the next token goes
         while len(out) < max_new_tokens and position < limit:
+            if not torch.isfinite(logits[0]).all():  # one more host read a token; pick() makes one already
+                raise ValueError(f"the model's logits at position {position} are not finite (NaN or inf in its "
+                                 "weights?): nothing to sample from")
             token = pick(logits[0], temperature, top_p, generator)
             if token in stop:
                 break

@@ -27,7 +27,7 @@ from .model import (ATTENTION, PRESETS, ModelConfig, Transformer, default_kernel
                     settings_from_dict)
 from .progress import Progress
 from .runtime import autocast, compute_dtype, default_device, device_peak_tflops, fastest_sdpa_backend, mfu
-from .shards import max_token, read_manifest, split_shards, tokenizer_path
+from .shards import max_token, read_manifest, sha256_file, split_shards, tokenizer_path
 
 
 @dataclass
@@ -183,6 +183,7 @@ class Trainer:
         self.kernels = cfg.kernels or default_kernels(self.device)
         self.data = cfg.data
         self.manifest = read_manifest(self.data)
+        self._check_tokenizer()
 
         init_state = None
         if cfg.init_from:
@@ -312,6 +313,26 @@ class Trainer:
             "bad_run": int(self.bad_run),
             "tokenizer": self._tokenizer_bytes(),
         }
+
+    def _check_tokenizer(self):
+        """Before the first step: the data folder's tokenizer is the one its manifest records
+        (sha256) and parses, so no run trains for hours and then stores garbage in its
+        checkpoints or dies at the end-of-run sample."""
+        path = tokenizer_path(self.data, self.manifest)
+        if path is None or not os.path.isfile(path):
+            return
+        recorded = self.manifest["tokenizer"].get("sha256")
+        if recorded and sha256_file(path) != recorded:
+            raise ValueError(f"{path} is not the tokenizer {self.data} was prepared with (its sha256 differs from "
+                             "the manifest's): re-run tinyfuse prepare, or restore the file")
+        from .sample import load_tokenizer_bytes
+
+        with open(path, "rb") as f:
+            blob = f.read()
+        try:
+            load_tokenizer_bytes(blob)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: not a SentencePiece model sentencepiece can read ({e})") from None
 
     def _tokenizer_bytes(self):
         path = tokenizer_path(self.data, self.manifest)
@@ -612,19 +633,41 @@ class Trainer:
         self.progress.write(line)
 
 
+def _metric_records(metrics_path):
+    """The well-formed lines of metrics.jsonl (an object with an integer step and a number
+    loss); anything else (a torn or foreign line) is passed over."""
+    records = []
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and \
+                    isinstance(record.get("loss"), (int, float)) and not isinstance(record.get("loss"), bool):
+                records.append(record)
+    return records
+
+
 def plot_losses(metrics_path, png_path):
+    """loss.png from metrics.jsonl; a plot that cannot be made is a note, never a failed run."""
+    try:
+        _plot(_metric_records(metrics_path), png_path)
+    except Exception as e:  # the run's results are in its checkpoints and metrics already
+        print(f"note: {png_path} not written ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def _plot(records, png_path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
     if not records:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
-    val = [r for r in records if r.get("val_loss") is not None]
+    val = [r for r in records if isinstance(r.get("val_loss"), (int, float))]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
     ax.set_xlabel("step")

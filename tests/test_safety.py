@@ -390,3 +390,63 @@ def test_split_shards_checks_every_entry(prepared):
     paths, counts = split_shards(prepared, "train")
     assert all(os.path.dirname(p) == os.path.realpath(prepared) for p in paths) and sum(counts) > 0
     assert np.fromfile(paths[0], dtype="<u2").size == counts[0]
+
+
+# ---------------------------------------------------------------- damaged weights, bad sampling flags
+
+def _with_weights(run, tmp_path, change):
+    """A copy of the run's newest checkpoint with change(state) applied to its model."""
+    state = torch.load(run_checkpoints(run)[-1], weights_only=True)
+    change(state["model"])
+    path = tmp_path / "changed.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def test_damaged_weights_and_bad_flags_get_one_line(run, prepared, tmp_path):
+    nan = _with_weights(run, tmp_path, lambda m: m["norm"].__setitem__(0, float("nan")))
+    result = run_cli("sample", "--checkpoint", nan, "--max-new-tokens", "4", "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "logits at position 1 are not finite" in result.stderr
+    result = run_cli("eval", "--checkpoint", nan, "--data", prepared, "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)  # strict JSON: NaN would not parse here
+    assert figures["loss"] is None and figures["ppl"] is None and figures["stories"] > 0
+    huge = _with_weights(run, tmp_path, lambda m: m["tok_embeddings.weight"].mul_(1e4))
+    result = run_cli("eval", "--checkpoint", huge, "--data", prepared, "--device", "cpu")
+    assert result.returncode == 0 and "ppl inf" in result.stdout, result.stderr
+    for flags, message in ((["--temperature", "nan"], "temperature must be a finite number >= 0"),
+                           (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 0; got -5")):
+        result = run_cli("sample", "--checkpoint", run, *flags, "--device", "cpu")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_a_garbage_metrics_file_and_an_out_that_is_a_file(run, prepared, tmp_path):
+    """A resumed run whose metrics.jsonl holds garbage finishes (exit 0) with its plot from the
+    good lines; --out onto a file, or under one, is one line and nothing is written."""
+    out = tmp_path / "r"
+    shutil.copytree(run, out)
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff binary\n[1, 2]\n{\"step\": 1}\n{\"step\": 2, \"loss\": \"abc\"}\n")
+    result = run_cli("train", "--data", prepared, "--out", str(out), "--resume", "--device", "cpu",
+                     *flags(max_steps=6))
+    assert result.returncode == 0, result.stderr
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and metrics(out)[-1]["step"] == 6
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for target in (afile, afile / "sub"):
+        result = run_cli("train", "--data", prepared, "--out", str(target), "--device", "cpu", *flags(max_steps=1))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"{afile} is a file, not a folder" in result.stderr
+    assert afile.read_text() == "mine"
+
+
+def test_a_changed_tokenizer_is_refused_before_the_first_step(prepared, tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(prepared, data)
+    (data / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    result = run_cli("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu",
+                     *flags(max_steps=2))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "is not the tokenizer" in result.stderr and "sha256 differs" in result.stderr
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("ckpt_*")), "no step was taken"
