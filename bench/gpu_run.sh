@@ -66,7 +66,11 @@ if [ $DRY = 1 ]; then
 else
     PRESETS="stories15M stories110M"; SMOKE=""; MAIN_STEPS=400
 fi
-BENCH=($PY -m tinyfuse.engine bench $SMOKE --presets $PRESETS)
+BENCH=(tinyfuse_cli bench $SMOKE --presets $PRESETS)
+
+tinyfuse_cli() {  # the tinyfuse command (python -m tinyfuse.engine, which keeps the checkout's root off sys.path)
+    "$PY" -m tinyfuse.engine "$@"
+}
 
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
@@ -120,7 +124,7 @@ print('triton', triton.__version__); print('device', torch.cuda.get_device_name(
 
 main_job() {
     local dir=$WORK/1-main
-    $PY -m tinyfuse.engine train --max-steps $MAIN_STEPS --out "$dir/run" > "$dir/train.log" 2>&1
+    tinyfuse_cli train --max-steps $MAIN_STEPS --out "$dir/run" > "$dir/train.log" 2>&1
     local code=$?
     tail -n 40 "$dir/train.log"
     cp "$dir/run/metrics.jsonl" "$dir/run/loss.png" "$dir/" 2> /dev/null
@@ -140,7 +144,7 @@ gpu_tests() {  # the kernels' own tests at their shapes on the device, then ever
     return $(( kernels || marked ))
 }
 
-export -f versions main_job gpu_tests
+export -f versions main_job gpu_tests tinyfuse_cli
 export PY DRY WORK MAIN_STEPS
 for s in "${STAGES[@]}"; do
     case $s in

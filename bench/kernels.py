@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tinyfuse.engine.model import PRESETS, preset
+from tinyfuse.engine.runtime import keep_checkout_off_path
 
 from .timing import copy_gbps, environment, error_text, measure, peak_mem_mb, side_stream
 
@@ -206,6 +207,7 @@ def run(device, modules, smoke=False, ops=None, copy_bw=None, progress=print, gr
 
 def main_for(module, argv=None):
     """`python -m tinyfuse.bench.<op>`: that file's ops on this machine, printed as a table."""
+    keep_checkout_off_path()
     parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (on CPU: the Triton interpreter)")
     parser.add_argument("--json", help="also write the rows to this file")

@@ -31,7 +31,7 @@ import time
 import torch
 from tinyfuse.engine.loader import TokenLoader
 from tinyfuse.engine.model import PRESETS, Transformer, preset
-from tinyfuse.engine.runtime import autocast, device_peak_tflops, mfu
+from tinyfuse.engine.runtime import autocast, device_peak_tflops, keep_checkout_off_path, mfu
 from tinyfuse.engine.train import TrainConfig, Trainer
 
 from .kernels import STEP_TOKENS
@@ -275,6 +275,7 @@ def run(device, smoke=False, presets=None, rows=None, progress=print, repeats=No
 
 
 def main(argv=None):
+    keep_checkout_off_path()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS))

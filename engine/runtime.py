@@ -21,6 +21,17 @@ PEAK_TFLOPS = [
 ]
 
 
+def keep_checkout_off_path(root=None):
+    """`python -m` puts the current folder first on sys.path. Run from a tinyfuse checkout
+    (root: default the current folder), its top-level kernels/ folder (the source of the
+    installed tinyfuse.kernels) would stand in for the PyPI package `kernels` that
+    transformers imports; tinyfuse is imported as installed, so the `python -m` entry
+    points and the tests take the checkout's root off the path."""
+    root = os.path.abspath(root or os.getcwd())
+    if os.path.isfile(os.path.join(root, "kernels", "huggingface.py")):
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+
+
 def select_backend():
     """"cuda" when present; otherwise "cpu", with Triton's interpreter switched on (unless
     triton is already imported, or the environment says otherwise)."""

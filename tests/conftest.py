@@ -1,18 +1,15 @@
 """Shared fixtures. The helpers the tests import live in helpers.py; importing it here first
 switches Triton's interpreter on (without CUDA) before any test module imports triton."""
 import os
-import sys
 
-# `python -m pytest` puts the checkout's root on sys.path, where the folder kernels/ (the
-# source of tinyfuse.kernels, installed under that name) would shadow the PyPI package
-# `kernels` that transformers imports: the tests use the installed tinyfuse, never the root.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from helpers import DEVICE, SHARED_DATA
+from tinyfuse.engine.runtime import keep_checkout_off_path
 
-from helpers import DEVICE, SHARED_DATA  # noqa: E402
+# `python -m pytest` puts the checkout's root on sys.path: the tests use the installed tinyfuse.
+keep_checkout_off_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Deterministic algorithms (the fixture below) make cuBLAS refuse to run on CUDA unless its
 # workspace is fixed; cuBLAS reads this when its first handle is made.
