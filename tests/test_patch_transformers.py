@@ -294,7 +294,7 @@ def test_class_patching_leaves_a_gelu_mlp_to_hugging_face_with_one_warning(tmp_p
     """transformers' own model tests build GELU Llamas after a class patch: they build and
     run, the MLP left to Hugging Face's code (one warning), the rest patched. On an
     instance, swiglu=True (asked for explicitly) refuses the same model."""
-    code = f"""
+    code = """
 import warnings
 import torch
 from tinyfuse.engine.runtime import select_backend
