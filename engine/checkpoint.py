@@ -406,8 +406,8 @@ def _read_hf(path):
     try:
         with open(config_path, encoding="utf-8") as f:
             hf = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not a JSON object ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{config_path}: not a JSON object ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object; got {type(hf).__name__}")
     if hf.get("model_type") != "llama":
@@ -434,13 +434,20 @@ def _read_hf(path):
         raise CheckpointError(f"{config_path}: does not describe a model tinyfuse can build ({e})") from None
     if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
         raise CheckpointError(f"{path}: head_dim {hf['head_dim']} is not hidden_size / num_attention_heads")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a JSON object ({type(e).__name__}: {str(e)[:100]})") from None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: expected a non-empty weight_map of tensor names to file names")
+        files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -449,8 +456,15 @@ def _read_hf(path):
     by_hf = {_hf_name(name): name for name in llama2c_shapes(cfg)}
     shapes = {}
     for file in files:  # the shapes first, from the headers: nothing is loaded for a wrong config
-        with safe_open(file, framework="pt") as f:
-            shapes.update({by_hf.get(k, k): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        try:
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    tensor = f.get_slice(k)
+                    if tensor.get_dtype() not in ("F16", "BF16", "F32", "F64"):
+                        raise CheckpointError(f"{file}: tensor {k} is {tensor.get_dtype()}; expected floating point")
+                    shapes[by_hf.get(k, k)] = tuple(tensor.get_shape())
+        except (SafetensorError, OSError) as e:  # a partial download, a damaged header
+            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or damaged ({e})") from None
     expected = llama2c_shapes(cfg)
     if cfg.tie_embeddings:
         expected.pop("output.weight")
@@ -458,7 +472,10 @@ def _read_hf(path):
     check_shapes(expected, shapes, cfg, path)
     hf_tensors = {}
     for file in files:
-        hf_tensors.update(load_file(file))
+        try:
+            hf_tensors.update(load_file(file))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or damaged ({e})") from None
     tensors = {}
     for key, t in hf_tensors.items():
         name = by_hf.get(key, key)

@@ -1,8 +1,9 @@
 """The `tinyfuse` command line (also `python -m tinyfuse.engine`).
 
 Exit codes, every command: 0 done; 1 the work ran and failed (a check found problems, the
-loss diverged, a measurement failed); 2 nothing was done: bad flags, settings or input
-files, in one line; 128 + N stopped by signal N (training writes a checkpoint first)."""
+loss diverged, a measurement failed; or a bug, with its traceback); 2 nothing was done:
+bad flags, settings or input files, in one line; 128 + N stopped by signal N (training
+writes a checkpoint first)."""
 import argparse
 import os
 import signal
@@ -246,7 +247,7 @@ def evaluate(args):
     import math
 
     from .evaluate import evaluate as run_evaluate, prepared_stories, text_stories
-    from .shards import DataError, is_prepared, read_manifest
+    from .shards import DataError, is_prepared, max_token, read_manifest, split_shards
 
     try:
         if args.max_stories is not None and args.max_stories <= 0:
@@ -260,6 +261,11 @@ def evaluate(args):
             if manifest["vocab_size"] != model.config.vocab_size:
                 raise ValueError(f"{args.data} was tokenized with {manifest['vocab_size']} tokens; the model's "
                                  f"vocabulary has {model.config.vocab_size}")
+            for path in split_shards(args.data, "val", manifest)[0]:  # as train and --verify check them
+                top = max_token(path, manifest["dtype"])
+                if top >= model.config.vocab_size:
+                    raise ValueError(f"{path} holds token {top}, not below the vocabulary size "
+                                     f"{model.config.vocab_size}: re-run tinyfuse prepare")
             stories = prepared_stories(args.data, args.max_stories)
         else:
             stories = text_stories(sp, args.data, args.max_stories)
@@ -283,6 +289,9 @@ def export(args):
     from .shards import DataError
 
     try:
+        if os.path.exists(args.out) and not args.force and (not os.path.isdir(args.out) or os.listdir(args.out)):
+            what = "a folder that holds files" if os.path.isdir(args.out) else "an existing file"
+            raise ValueError(f"--out {args.out} is {what}; export replaces it only with --force")
         weights = load_checkpoint(args.checkpoint)
         tokenizer = weights.tokenizer
         if args.tokenizer:
@@ -400,6 +409,7 @@ def build_parser():
                    help="llama2c-v0 (run.c's legacy .bin), llama2c-v1 (versioned .bin) or hf (a Hugging Face folder)")
     p.add_argument("--out", required=True, help="a .bin file, or a folder for hf")
     p.add_argument("--tokenizer", help="the SentencePiece .model to put in an hf folder (default: the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (a file, or a folder's files)")
     p.set_defaults(func=export)
 
     p = sub.add_parser("bench", help="benchmark kernels, the training step and the loader; or compare two runs",
@@ -436,8 +446,26 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run one command. The one place a reader's failure becomes the one-line error: the
+    project's errors (bad input, said in a line) exit 2 whichever command raises them;
+    anything else is a bug, shown with its traceback and a line saying so."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .checkpoint import CheckpointError
+    from .files import FileError
+    from .shards import DataError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, DataError, FileError) as e:
+        print(f"tinyfuse {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"tinyfuse {args.command}: the error above is a bug in tinyfuse, not in your input; please report it "
+              "with these lines", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

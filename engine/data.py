@@ -234,6 +234,25 @@ def split_stories(stories, val_fraction, seed):
     return [s for s, v in zip(stories, chosen) if not v], [s for s, v in zip(stories, chosen) if v]
 
 
+def _own_files(out_dir, manifest):
+    """The files a manifest names that this tool can show it wrote: shards by its own
+    naming pattern and of the size the manifest records, the tokenizer under its own name
+    with the sha256 recorded. A manifest is input, not proof: a user's file it names is
+    not among them, so it is never replaced."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    own = set()
+    for shard in manifest["shards"]:
+        path = os.path.join(out_dir, shard["file"])
+        if re.fullmatch(r"(train|val)_\d{3,}\.bin", shard["file"]) and os.path.isfile(path) \
+                and os.path.getsize(path) == shard["tokens"] * itemsize:
+            own.add(shard["file"])
+    tokenizer = manifest["tokenizer"]
+    path = os.path.join(out_dir, TOKENIZER)
+    if tokenizer.get("path") == TOKENIZER and os.path.isfile(path) and sha256_file(path) == tokenizer.get("sha256"):
+        own.add(TOKENIZER)
+    return own
+
+
 def _check_out(out_dir, force):
     """The files of out_dir a new dataset may replace: those of the tinyfuse dataset already
     there. A folder holding anything else is refused (unless force: then only the old
@@ -248,9 +267,7 @@ def _check_out(out_dir, force):
     ours = set()
     if MANIFEST in present:
         try:
-            manifest = read_manifest(out_dir)
-            ours = {MANIFEST} | {s["file"] for s in manifest["shards"]} | \
-                ({manifest["tokenizer"]["path"]} if manifest["tokenizer"].get("path") else set())
+            ours = {MANIFEST} | _own_files(out_dir, read_manifest(out_dir))
         except (DataError, OSError):
             ours = set()
     others = sorted(present - ours)
@@ -262,11 +279,16 @@ def _check_out(out_dir, force):
     return sorted(ours & present)
 
 
+# Written first into every build folder, with the builder's PID: what proves a leftover
+# folder (a prepare killed by SIGKILL) is this tool's own to remove.
+BUILD_MARK = ".tinyfuse-build"
+
+
 def _install(build_dir, out_dir, replaced):
     """Move the finished dataset from build_dir into out_dir, then remove the files of the
     dataset it replaces that the new one did not overwrite."""
     os.makedirs(out_dir, exist_ok=True)
-    new = sorted(os.listdir(build_dir))
+    new = sorted(name for name in os.listdir(build_dir) if name != BUILD_MARK)
     for name in new:
         if name != MANIFEST:
             os.replace(os.path.join(build_dir, name), os.path.join(out_dir, name))
@@ -275,7 +297,30 @@ def _install(build_dir, out_dir, replaced):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
             os.remove(path)
+    os.remove(os.path.join(build_dir, BUILD_MARK))
     os.rmdir(build_dir)
+
+
+def _remove_stale_builds(parent, prefix):
+    """Remove the build folders beside --out that a killed prepare left: named as ours, with
+    our mark inside, and their builder no longer running. Anything else is left alone."""
+    for entry in os.listdir(parent):
+        path = os.path.join(parent, entry)
+        if not entry.startswith(prefix) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            with open(os.path.join(path, BUILD_MARK)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue  # not provably ours
+        try:
+            os.kill(pid, 0)
+            continue  # its builder still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare(source="synthetic", out_dir=None, tokenizer=None, vocab_size=None, val_fraction=0.01,
@@ -317,7 +362,11 @@ def prepare(source="synthetic", out_dir=None, tokenizer=None, vocab_size=None, v
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    build_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.building-", dir=parent)
+    prefix = f".{os.path.basename(os.path.abspath(out_dir))}.building-"
+    _remove_stale_builds(parent, prefix)
+    build_dir = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    with open(os.path.join(build_dir, BUILD_MARK), "w") as f:
+        f.write(f"{os.getpid()}\n")
     try:
         tok_path = os.path.join(build_dir, TOKENIZER)
         if tokenizer is None:

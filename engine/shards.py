@@ -112,8 +112,8 @@ def read_manifest(data_dir):
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object; got {type(manifest).__name__}")
     for key in ("format", "tokenizer", "vocab_size", "bos_id", "dtype", "shards"):
@@ -160,6 +160,10 @@ def tokenizer_path(data_dir, manifest):
     return _inside(data_dir, relative, os.path.join(data_dir, MANIFEST), "tokenizer.path") if relative else None
 
 
+# prepare never writes one: an empty shard is damage, refused by the loaders and --verify alike
+EMPTY_SHARD = "holds no tokens (tinyfuse prepare never writes an empty shard); re-run `tinyfuse prepare`"
+
+
 def split_shards(data_dir, split, manifest=None):
     """Paths and token counts of a split's shards, checked against the files on disk."""
     manifest = manifest or read_manifest(data_dir)
@@ -174,10 +178,12 @@ def split_shards(data_dir, split, manifest=None):
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise FileNotFoundError(f"shard {path} is missing or unreadable; re-run `tinyfuse prepare`")
         size = os.path.getsize(path)
-        if size != shard["tokens"] * itemsize:  # the rule of `tinyfuse prepare --verify`
+        if size != shard["tokens"] * itemsize:  # the rules of `tinyfuse prepare --verify`
             raise DataError(f"shard {path} has {size} bytes; {MANIFEST} records {shard['tokens']} {manifest['dtype']} "
                             f"tokens = {shard['tokens'] * itemsize} bytes (truncated or replaced?); re-run "
                             "`tinyfuse prepare`")
+        if size == 0:
+            raise DataError(f"shard {path}: {EMPTY_SHARD}")
         paths.append(path)
         counts.append(size // itemsize)
     if not paths:
@@ -219,6 +225,9 @@ def verify(data_dir):
         if size != shard["tokens"] * dtype.itemsize:
             problems.append(f"{shard['file']}: {size} bytes, expected {shard['tokens']} {dtype.name} tokens "
                             f"= {shard['tokens'] * dtype.itemsize} bytes")
+            continue
+        if size == 0:
+            problems.append(f"{shard['file']}: {EMPTY_SHARD}")
             continue
         top = max_token(path, dtype)
         if top >= vocab:

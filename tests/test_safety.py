@@ -450,3 +450,143 @@ def test_a_changed_tokenizer_is_refused_before_the_first_step(prepared, tmp_path
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "is not the tokenizer" in result.stderr and "sha256 differs" in result.stderr
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("ckpt_*")), "no step was taken"
+
+
+def test_export_refuses_what_exists_unless_forced(run, tmp_path):
+    """An --out that exists (a user's file, another model's Hugging Face folder) is kept, with
+    one line; --force replaces it."""
+    ckpt = run_checkpoints(run)[-1]
+    mine = tmp_path / "notes.bin"
+    mine.write_bytes(b"precious")
+    result = run_cli("export", "--checkpoint", ckpt, "--format", "llama2c-v0", "--out", str(mine))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--force" in result.stderr, result.stderr
+    assert mine.read_bytes() == b"precious"
+    other = tmp_path / "other-hf"
+    assert run_cli("export", "--checkpoint", ckpt, "--format", "hf", "--out", str(other)).returncode == 0
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    result = run_cli("export", "--checkpoint", ckpt, "--format", "hf", "--out", str(other))
+    assert result.returncode == 2 and "a folder that holds files" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    result = run_cli("export", "--checkpoint", ckpt, "--format", "llama2c-v0", "--out", str(mine), "--force")
+    assert result.returncode == 0 and mine.read_bytes() != b"precious", result.stderr
+
+
+def test_prepare_removes_the_build_a_killed_run_left_and_nothing_else(tmp_path):
+    """A prepare killed by SIGKILL leaves its `.NAME.building-XXXX` beside --out; the next one
+    removes it (named as its own, its mark inside, its builder gone), and keeps a folder that
+    only looks like one."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / ".d.building-abc123"
+    left.mkdir()
+    (left / ".tinyfuse-build").write_text(f"{dead.pid}\n")
+    (left / "train_000.bin").write_bytes(b"\x00" * 8)
+    lookalike = tmp_path / ".d.building-mine"
+    lookalike.mkdir()
+    (lookalike / "notes.txt").write_text("mine")
+    result = run_cli("prepare", "--out", str(tmp_path / "d"), "--stories", "300")
+    assert result.returncode == 0, result.stderr
+    assert not left.exists() and (lookalike / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "d" / ".tinyfuse-build").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.building-mine", "d"]
+
+
+def test_prepare_never_replaces_a_user_file_its_manifest_names(tmp_path):
+    """A manifest is input, not proof of ownership: a user's notes.txt listed in it as a
+    shard is not the tool's to replace, with or without --force."""
+    out = tmp_path / "d"
+    assert run_cli("prepare", "--out", str(out), "--stories", "300").returncode == 0
+    (out / "notes.txt").write_text("mine")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"].append({"file": "notes.txt", "split": "train", "tokens": 0, "stories": 0})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("prepare", "--out", str(out), "--stories", "300")
+    assert result.returncode == 2 and "notes.txt" in result.stderr and "--force" in result.stderr, result.stderr
+    assert run_cli("prepare", "--out", str(out), "--stories", "300", "--force").returncode == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert "notes.txt" not in (out / "manifest.json").read_text()
+
+
+def test_verify_train_and_eval_agree_on_damaged_shards(run, prepared, tmp_path):
+    """An empty shard is refused by --verify and by the loaders alike (prepare never writes
+    one); a val token above the vocabulary is one line from eval, as from train and --verify."""
+    data = tmp_path / "d"
+    shutil.copytree(prepared, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    val = next(s for s in manifest["shards"] if s["split"] == "val")
+    tokens = np.fromfile(data / val["file"], dtype="<u2")
+    tokens[3] = manifest["vocab_size"]
+    tokens.tofile(data / val["file"])
+    result = run_cli("eval", "--checkpoint", run, "--data", str(data), "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"holds token {manifest['vocab_size']}, not below the vocabulary size" in result.stderr
+    train = next(s for s in manifest["shards"] if s["split"] == "train")
+    (data / train["file"]).write_bytes(b"")
+    train["tokens"] = train["stories"] = 0
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    verify = run_cli("prepare", "--verify", str(data))
+    assert verify.returncode == 1 and "holds no tokens" in verify.stderr, verify.stderr
+    result = run_cli("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu", *flags(max_steps=1))
+    assert result.returncode == 2 and "holds no tokens" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header length", "no tensor", "int32", "index {}", "index list",
+                                    "index null", "deep config", "deep manifest"])
+def test_a_damaged_hugging_face_folder_is_one_line(run, prepared, tmp_path, damage):
+    """The likely corruption of a Hugging Face folder (a partial download) and hostile
+    variants: one line naming the file, never a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "hf"
+    assert run_cli("export", "--checkpoint", run_checkpoints(run)[-1], "--format", "hf", "--out",
+                   str(folder)).returncode == 0
+    weights = folder / "model.safetensors"
+    command = ["sample", "--checkpoint", str(folder), "--max-new-tokens", "2", "--device", "cpu"]
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "header length":
+        weights.write_bytes(struct.pack("<Q", 1 << 40) + weights.read_bytes()[8:])
+    elif damage in ("no tensor", "int32"):
+        tensors = load_file(weights)
+        name = sorted(tensors)[0]
+        if damage == "no tensor":
+            del tensors[name]
+        else:
+            tensors[name] = tensors[name].to(torch.int32)
+        save_file(tensors, weights)
+    elif damage.startswith("index"):
+        (folder / "model.safetensors.index.json").write_text({"index {}": "{}", "index list": '{"weight_map": []}',
+                                                              "index null": "null"}[damage])
+    elif damage == "deep config":
+        (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        data = tmp_path / "d"
+        shutil.copytree(prepared, data)
+        (data / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+        command = ["eval", "--checkpoint", run, "--data", str(data), "--device", "cpu"]
+    result = run_cli(*command)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_errors_are_one_line_and_bugs_say_so(monkeypatch, capsys):
+    """The command line's one place for errors: a project error raised anywhere is one line
+    and exit 2; an unexpected exception keeps its traceback and is called a bug (exit 1)."""
+    from tinyfuse.engine import cli
+    from tinyfuse.engine.shards import DataError
+
+    def raises(error):
+        def command(args):
+            raise error
+        return command
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    sample = next(a for a in parser._actions if a.dest == "command").choices["sample"]
+    sample.set_defaults(func=raises(DataError("x.bin: damaged header")))
+    assert cli.main(["sample", "--checkpoint", "x"]) == 2
+    assert capsys.readouterr().err == "tinyfuse sample: x.bin: damaged header\n"
+    sample.set_defaults(func=raises(KeyError("oops")))
+    assert cli.main(["sample", "--checkpoint", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'oops'" in err and "is a bug in tinyfuse" in err
