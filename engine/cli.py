@@ -210,7 +210,8 @@ def _model_and_tokenizer(args, data=None):
     if args.tokenizer:
         sp, source = load_tokenizer(args.tokenizer), args.tokenizer
     elif weights.tokenizer:
-        sp, source = load_tokenizer_bytes(weights.tokenizer), f"carried by {args.checkpoint}"
+        source = f"carried by {args.checkpoint}"
+        sp = load_tokenizer_bytes(weights.tokenizer, f"the tokenizer {source}")
     elif data is not None and os.path.isfile(os.path.join(data, TOKENIZER)):
         source = os.path.join(data, TOKENIZER)
         sp = load_tokenizer(source)

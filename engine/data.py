@@ -202,8 +202,8 @@ def load_tokenizer(path):
         raise DataError(f"tokenizer {path!r}: no such file (expected a SentencePiece .model)")
     try:
         return spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError) as e:
-        raise DataError(f"tokenizer {path!r}: not a SentencePiece model ({e})") from None
+    except (RuntimeError, OSError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer {path!r}: not a SentencePiece model ({str(e).splitlines()[0][:100]})") from None
 
 
 # ---------------------------------------------------------------- pretokenization

@@ -62,10 +62,17 @@ def generate(model, prompt, max_new_tokens=256, temperature=0.8, top_p=0.9, seed
     return out
 
 
-def load_tokenizer_bytes(blob):
+def load_tokenizer_bytes(blob, source="the checkpoint's tokenizer"):
+    """A SentencePiece processor from a .model's bytes (as a checkpoint carries them); bytes
+    that are not one are a DataError naming `source`."""
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_proto=blob)
+    from .shards import DataError
+
+    try:
+        return spm.SentencePieceProcessor(model_proto=blob)
+    except (RuntimeError, TypeError, UnicodeDecodeError) as e:  # the last: found by tests/test_fuzz.py
+        raise DataError(f"{source}: not a SentencePiece model ({str(e).splitlines()[0][:100]})") from None
 
 
 def story(model, sp, prompt="", **kwargs):

@@ -328,11 +328,7 @@ class Trainer:
         from .sample import load_tokenizer_bytes
 
         with open(path, "rb") as f:
-            blob = f.read()
-        try:
-            load_tokenizer_bytes(blob)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: not a SentencePiece model sentencepiece can read ({e})") from None
+            load_tokenizer_bytes(f.read(), path)  # a DataError, one line, for bytes that are not a tokenizer
 
     def _tokenizer_bytes(self):
         path = tokenizer_path(self.data, self.manifest)

@@ -590,3 +590,14 @@ def test_errors_are_one_line_and_bugs_say_so(monkeypatch, capsys):
     assert cli.main(["sample", "--checkpoint", "x"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'oops'" in err and "is a bug in tinyfuse" in err
+
+
+def test_a_checkpoint_with_a_garbage_tokenizer_is_one_line(run, prepared, tmp_path):
+    state = torch.load(run_checkpoints(run)[-1], weights_only=True)
+    state["tokenizer"] = b"\x0a\x05garbage bytes, not a sentencepiece model"
+    path = tmp_path / "bad-tokenizer.pt"
+    torch.save(state, path)
+    for command in (["sample", "--max-new-tokens", "2"], ["eval", "--data", prepared]):
+        result = run_cli(*command, "--checkpoint", str(path), "--device", "cpu")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"the tokenizer carried by {path}: not a SentencePiece model" in result.stderr
