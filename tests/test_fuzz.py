@@ -78,12 +78,14 @@ def json_mutations(doc, rng, n):
     return out
 
 
-def must_load_or_say_one_line(read, what):
-    """read() succeeds, or raises a project error of one line; anything else fails the test."""
+def must_load_or_say_one_line(read, what, name):
+    """read() succeeds, or raises a project error of one line naming the file (`name`);
+    anything else fails the test."""
     try:
         read()
     except ONE_LINE as e:
         assert "\n" not in str(e).strip(), f"{what}: a multi-line error: {e}"
+        assert name in str(e), f"{what}: the error does not name {name}: {e}"
     except Exception as e:  # the bug this test exists to catch
         pytest.fail(f"{what}: {type(e).__name__}: {e}")
 
@@ -115,7 +117,7 @@ def test_llama2c_files(weights, tmp_path, version):
     rng = random.Random(version)
     for i, blob in enumerate(byte_mutations(path.read_bytes(), rng, N_CASES)):
         path.write_bytes(blob)
-        must_load_or_say_one_line(lambda: load_checkpoint(str(path)), f"llama2.c v{version} mutation {i}")
+        must_load_or_say_one_line(lambda: load_checkpoint(str(path)), f"llama2.c v{version} mutation {i}", path.name)
 
 
 def test_hugging_face_folders(weights, tmp_path):
@@ -126,18 +128,19 @@ def test_hugging_face_folders(weights, tmp_path):
     rng = random.Random(2)
     for i, changed in enumerate(json_mutations(config, rng, N_CASES)):
         (folder / "config.json").write_text(json.dumps(changed))
-        must_load_or_say_one_line(lambda: load_checkpoint(str(folder)), f"config.json mutation {i}: {changed}")
+        must_load_or_say_one_line(lambda: load_checkpoint(str(folder)), f"config.json mutation {i}: {changed}",
+                                  str(folder))
     (folder / "config.json").write_text(json.dumps(config))
     header = struct.unpack("<Q", tensors[:8])[0]
     for i, blob in enumerate(byte_mutations(tensors[:8 + header], rng, N_CASES)):  # the header and its length
         (folder / "model.safetensors").write_bytes(blob + tensors[8 + header:])
-        must_load_or_say_one_line(lambda: load_checkpoint(str(folder)), f"safetensors header mutation {i}")
+        must_load_or_say_one_line(lambda: load_checkpoint(str(folder)), f"safetensors header mutation {i}", str(folder))
     (folder / "model.safetensors").write_bytes(tensors)
     index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in json.loads(tensors[8:8 + header])
                                             if name != "__metadata__"}}
     for i, changed in enumerate(json_mutations(index, rng, N_CASES)):
         (folder / "model.safetensors.index.json").write_text(json.dumps(changed))
-        must_load_or_say_one_line(lambda: load_checkpoint(str(folder)), f"index mutation {i}")
+        must_load_or_say_one_line(lambda: load_checkpoint(str(folder)), f"index mutation {i}", str(folder))
 
 
 def test_tinyfuse_checkpoints(weights, tmp_path):
@@ -147,7 +150,7 @@ def test_tinyfuse_checkpoints(weights, tmp_path):
     rng = random.Random(3)
     for i, blob in enumerate(byte_mutations(path.read_bytes(), rng, N_CASES)):
         path.write_bytes(blob)
-        must_load_or_say_one_line(lambda: load_checkpoint(str(path)), f"checkpoint mutation {i}")
+        must_load_or_say_one_line(lambda: load_checkpoint(str(path)), f"checkpoint mutation {i}", path.name)
 
 
 def test_manifests_and_shards(tmp_path):
@@ -165,7 +168,7 @@ def test_manifests_and_shards(tmp_path):
     for i, changed in enumerate(json_mutations(manifest, rng, N_CASES)):
         with open(os.path.join(data, "manifest.json"), "w") as f:
             json.dump(changed, f)
-        must_load_or_say_one_line(read, f"manifest mutation {i}: {changed}")
+        must_load_or_say_one_line(read, f"manifest mutation {i}: {changed}", data)
     with open(os.path.join(data, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     shard = os.path.join(data, manifest["shards"][0]["file"])
@@ -173,11 +176,12 @@ def test_manifests_and_shards(tmp_path):
     for i, blob in enumerate(byte_mutations(original, rng, N_CASES)):
         with open(shard, "wb") as f:
             f.write(blob)
-        must_load_or_say_one_line(read, f"shard mutation {i}")
+        must_load_or_say_one_line(read, f"shard mutation {i}", data)
 
 
 def test_tokenizers(shared_data):
     blob = open(os.path.join(shared_data, "tok512.model"), "rb").read()
     rng = random.Random(5)
     for i, changed in enumerate(byte_mutations(blob, rng, N_CASES)):
-        must_load_or_say_one_line(lambda: load_tokenizer_bytes(changed, f"mutation {i}"), f"tokenizer mutation {i}")
+        must_load_or_say_one_line(lambda: load_tokenizer_bytes(changed, f"tokenizer mutation {i}"),
+                                  f"tokenizer mutation {i}", f"tokenizer mutation {i}")
