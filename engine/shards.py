@@ -160,10 +160,6 @@ def tokenizer_path(data_dir, manifest):
     return _inside(data_dir, relative, os.path.join(data_dir, MANIFEST), "tokenizer.path") if relative else None
 
 
-# prepare never writes one: an empty shard is damage, refused by the loaders and --verify alike
-EMPTY_SHARD = "holds no tokens (tinyfuse prepare never writes an empty shard); re-run `tinyfuse prepare`"
-
-
 def split_shards(data_dir, split, manifest=None):
     """Paths and token counts of a split's shards, checked against the files on disk."""
     manifest = manifest or read_manifest(data_dir)
@@ -182,8 +178,6 @@ def split_shards(data_dir, split, manifest=None):
             raise DataError(f"shard {path} has {size} bytes; {MANIFEST} records {shard['tokens']} {manifest['dtype']} "
                             f"tokens = {shard['tokens'] * itemsize} bytes (truncated or replaced?); re-run "
                             "`tinyfuse prepare`")
-        if size == 0:
-            raise DataError(f"shard {path}: {EMPTY_SHARD}")
         paths.append(path)
         counts.append(size // itemsize)
     if not paths:
@@ -216,6 +210,8 @@ def verify(data_dir):
     for split in SPLITS:
         if not any(s["split"] == split for s in manifest["shards"]):
             problems.append(f"no {split} shards")
+        elif not any(s["tokens"] for s in manifest["shards"] if s["split"] == split):
+            problems.append(f"the {split} shards hold no tokens (training and evaluation refuse such a split)")
     for shard in manifest["shards"]:
         path = os.path.join(data_dir, shard["file"])
         if not os.path.isfile(path):
@@ -225,9 +221,6 @@ def verify(data_dir):
         if size != shard["tokens"] * dtype.itemsize:
             problems.append(f"{shard['file']}: {size} bytes, expected {shard['tokens']} {dtype.name} tokens "
                             f"= {shard['tokens'] * dtype.itemsize} bytes")
-            continue
-        if size == 0:
-            problems.append(f"{shard['file']}: {EMPTY_SHARD}")
             continue
         top = max_token(path, dtype)
         if top >= vocab:

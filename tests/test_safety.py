@@ -508,26 +508,31 @@ def test_prepare_never_replaces_a_user_file_its_manifest_names(tmp_path):
 
 
 def test_verify_train_and_eval_agree_on_damaged_shards(run, prepared, tmp_path):
-    """An empty shard is refused by --verify and by the loaders alike (prepare never writes
-    one); a val token above the vocabulary is one line from eval, as from train and --verify."""
+    """A split whose shards are all empty is refused by --verify and by training alike (an
+    empty shard among others is fine for both: the loaders skip it); a val token above the
+    vocabulary is one line from eval, as from train and --verify."""
     data = tmp_path / "d"
     shutil.copytree(prepared, data)
     manifest = json.loads((data / "manifest.json").read_text())
     val = next(s for s in manifest["shards"] if s["split"] == "val")
     tokens = np.fromfile(data / val["file"], dtype="<u2")
+    original = tokens.copy()
     tokens[3] = manifest["vocab_size"]
     tokens.tofile(data / val["file"])
     result = run_cli("eval", "--checkpoint", run, "--data", str(data), "--device", "cpu")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"holds token {manifest['vocab_size']}, not below the vocabulary size" in result.stderr
-    train = next(s for s in manifest["shards"] if s["split"] == "train")
-    (data / train["file"]).write_bytes(b"")
-    train["tokens"] = train["stories"] = 0
+    original.tofile(data / val["file"])
+    for shard in manifest["shards"]:
+        if shard["split"] == "train":
+            (data / shard["file"]).write_bytes(b"")
+            shard["tokens"] = shard["stories"] = 0
     (data / "manifest.json").write_text(json.dumps(manifest))
     verify = run_cli("prepare", "--verify", str(data))
-    assert verify.returncode == 1 and "holds no tokens" in verify.stderr, verify.stderr
+    assert verify.returncode == 1 and "the train shards hold no tokens" in verify.stderr, verify.stderr
     result = run_cli("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu", *flags(max_steps=1))
-    assert result.returncode == 2 and "holds no tokens" in result.stderr, result.stderr
+    assert result.returncode == 2 and "the train split of" in result.stderr and "holds 0 tokens" in result.stderr, \
+        result.stderr
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header length", "no tensor", "int32", "index {}", "index list",
