@@ -372,20 +372,12 @@ class Trainer:
         self._print(f"resumed from {checkpoint_path(self.out, self.step)} at step {self.step}")
 
     def _trim_metrics(self):
-        """Drop log lines a crashed run wrote after its last checkpoint, and a last line torn
-        by a crash or a full disk."""
+        """Drop log lines a crashed run wrote after its last checkpoint, a last line torn by
+        a crash or a full disk, and any line that is not a well-formed record."""
         path = os.path.join(self.out, "metrics.jsonl")
         if not self.master or not os.path.exists(path):
             return
-        kept = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn: the run stopped while writing it
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.step:
-                    kept.append(json.dumps(record) + "\n")
+        kept = [json.dumps(r) + "\n" for r in _metric_records(path) if r["step"] <= self.step]
         with open(path, "w") as f:
             f.writelines(kept)
 
