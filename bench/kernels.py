@@ -18,7 +18,7 @@ import torch
 from tinyfuse.engine.model import PRESETS, preset
 from tinyfuse.engine.runtime import keep_checkout_off_path
 
-from .timing import copy_gbps, environment, error_text, measure, peak_mem_mb, side_stream
+from .timing import copy_gbps, environment, error_text, measure, peak_mem_mb, side_stream, smoke_here
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("tinyfuse", "torch", "torch.compile", "liger")
@@ -194,7 +194,7 @@ def run(device, modules, smoke=False, ops=None, copy_bw=None, progress=print, gr
                     continue
                 if log is not None and log.expired():
                     case_rows = [{"op": op, "group": case.group, "shape": list(case.shape), "impl": "tinyfuse",
-                                  "pass": p, "skipped": "the run's time budget was spent"} for p in PASSES]
+                                  "pass": p, "skipped": log.SPENT} for p in PASSES]
                 else:
                     progress(f"kernels: {op} {case.group} {tuple(case.shape)}")
                     case_rows = run_case(case, module.impls(op, backend), device, dtype, copy_bw, smoke,
@@ -213,10 +213,7 @@ def main_for(module, argv=None):
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        print("no CUDA device here: measuring the smoke sizes in Triton's interpreter (a code-path check, not "
-              "speed)", file=sys.stderr)
-        args.smoke = True
+    args.smoke = smoke_here(args.smoke, f"python -m {module.__name__}")
     copy_bw = copy_gbps(device, args.smoke)
     rows = run(device, [module], args.smoke, copy_bw=copy_bw, progress=lambda m: print(m, file=sys.stderr))
     from .report import kernel_table

@@ -9,7 +9,9 @@ class RowLog:
     """rows.jsonl: every row appended the moment it is measured, one JSON object a line
     with its "section" (the first line is the environment), so a run killed at its time
     limit still leaves what it measured; and the run's wall-clock budget, which the
-    sections ask before each case or row."""
+    sections ask before each case or row (those not started are skipped for SPENT)."""
+
+    SPENT = "the run's time budget was spent"
 
     def __init__(self, path, budget_s=None):
         self.path = path
@@ -122,13 +124,15 @@ def loader_table(rows):
     return "\n".join(lines)
 
 
+def _env_line(env):
+    return (f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+            f"commit {env['commit']} · {env['date']} · copy bandwidth {env['copy_gbps']:.0f} GB/s")
+
+
 def markdown(results):
     env = results["env"]
     parts = [f"# tinyfuse bench{' (smoke: tiny shapes, not a performance figure)' if results.get('smoke') else ''}",
-             "",
-             f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
-             f"commit {env['commit']} · {env['date']} · copy bandwidth {env['copy_gbps']:.0f} GB/s",
-             ""]
+             "", _env_line(env), ""]
     for note in results.get("notes", []):
         parts.append(f"- {note}")
     if results.get("notes"):
@@ -293,8 +297,7 @@ def summary(stages_tsv, rows_files):
                 sections.setdefault(section, []).extend(rows)
     env = (sections.get("env") or [{}])[0]
     if env:
-        parts += ["", f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
-                      f"commit {env['commit']} · {env['date']} · copy bandwidth {env['copy_gbps']:.0f} GB/s"]
+        parts += ["", _env_line(env)]
     if sections.get("step"):
         parts += ["", "## Training step", "", step_table(sections["step"])]
     if sections.get("kernels"):

@@ -252,7 +252,7 @@ def run(device, smoke=False, presets=None, rows=None, progress=print, repeats=No
                         "cuda_graph": graph, "tokens_per_s": None}
                 why = missing_dependency(model_kind, kernels)
                 if why is None and log is not None and log.expired():
-                    why = "the run's time budget was spent"
+                    why = log.SPENT
                 if why is not None:
                     result = {**head, "skipped": why}
                 else:

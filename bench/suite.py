@@ -8,7 +8,7 @@ import time
 import torch
 
 from . import cross_entropy, kernels, loader, report, rms_norm, rope, step, swiglu
-from .timing import copy_gbps, environment
+from .timing import copy_gbps, environment, smoke_here
 
 SECTIONS = ("kernels", "step", "loader")
 
@@ -101,11 +101,7 @@ def main(args):
         from .static import run_in_subprocess
 
         return run_in_subprocess(["--arch", args.arch, "--out", args.out] + (["--ops", *args.ops] if args.ops else []))
-    if not args.smoke and not torch.cuda.is_available():
-        print("tinyfuse bench: no CUDA device here, so the kernels would run in Triton's interpreter at GPU sizes "
-              "(hours); measuring the smoke sizes instead (--smoke), which check the code paths, not the speed",
-              file=sys.stderr)
-        args.smoke = True
+    args.smoke = smoke_here(args.smoke, "tinyfuse bench")
     try:
         results, files = run(args.smoke, args.only, args.ops, args.out, presets=args.presets, sweep=args.sweep,
                              step_rows=args.step_rows, repeats=args.repeats, budget=args.budget)

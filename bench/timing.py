@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -42,6 +43,17 @@ def _graphed(fn):
         torch.cuda.synchronize()
         return None
     return graph.replay
+
+
+def smoke_here(smoke, what):
+    """The smoke flag to run with: GPU sizes on a machine without CUDA would run in Triton's
+    interpreter for hours, so there `what` says so and takes the smoke sizes."""
+    if not smoke and not torch.cuda.is_available():
+        print(f"{what}: no CUDA device here, so the kernels would run in Triton's interpreter at GPU sizes "
+              "(hours); measuring the smoke sizes instead (--smoke), which check the code paths, not the speed",
+              file=sys.stderr)
+        return True
+    return smoke
 
 
 def side_stream(device):

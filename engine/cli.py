@@ -248,7 +248,7 @@ def evaluate(args):
     import math
 
     from .evaluate import evaluate as run_evaluate, prepared_stories, text_stories
-    from .shards import DataError, is_prepared, max_token, read_manifest, split_shards
+    from .shards import DataError, check_token_range, is_prepared, read_manifest
 
     try:
         if args.max_stories is not None and args.max_stories <= 0:
@@ -262,11 +262,7 @@ def evaluate(args):
             if manifest["vocab_size"] != model.config.vocab_size:
                 raise ValueError(f"{args.data} was tokenized with {manifest['vocab_size']} tokens; the model's "
                                  f"vocabulary has {model.config.vocab_size}")
-            for path in split_shards(args.data, "val", manifest)[0]:  # as train and --verify check them
-                top = max_token(path, manifest["dtype"])
-                if top >= model.config.vocab_size:
-                    raise ValueError(f"{path} holds token {top}, not below the vocabulary size "
-                                     f"{model.config.vocab_size}: re-run tinyfuse prepare")
+            check_token_range(args.data, ("val",), manifest, model.config.vocab_size)  # as train checks it
             stories = prepared_stories(args.data, args.max_stories)
         else:
             stories = text_stories(sp, args.data, args.max_stories)

@@ -185,6 +185,18 @@ def split_shards(data_dir, split, manifest=None):
     return paths, counts
 
 
+def check_token_range(data_dir, splits, manifest, vocab):
+    """Every token of these splits' shards below `vocab` (what training and evaluation
+    index an embedding with); a DataError naming the shard otherwise."""
+    for split in splits:
+        for path in split_shards(data_dir, split, manifest)[0]:
+            top = max_token(path, manifest["dtype"])
+            if top >= vocab:
+                raise DataError(f"{path} holds token {top}, not below the vocabulary size {vocab} (manifest "
+                                f"{manifest['vocab_size']}): the manifest does not describe these shards, or the "
+                                "model is not theirs; re-run tinyfuse prepare")
+
+
 def max_token(path, dtype):
     """The largest token of a shard, read in 16M-token blocks (0 for an empty shard)."""
     dtype = np.dtype(dtype).newbyteorder("<")

@@ -27,7 +27,7 @@ from .model import (ATTENTION, PRESETS, ModelConfig, Transformer, default_kernel
                     settings_from_dict)
 from .progress import Progress
 from .runtime import autocast, compute_dtype, default_device, device_peak_tflops, fastest_sdpa_backend, mfu
-from .shards import max_token, read_manifest, sha256_file, split_shards, tokenizer_path
+from .shards import check_token_range, read_manifest, sha256_file, tokenizer_path
 
 
 @dataclass
@@ -207,14 +207,8 @@ class Trainer:
         if self.manifest["vocab_size"] > self.model_cfg.vocab_size:
             raise ValueError(f"the data's vocabulary ({self.manifest['vocab_size']} tokens) is larger than the "
                              f"model's vocab_size {self.model_cfg.vocab_size}")
-        vocab = min(self.manifest["vocab_size"], self.model_cfg.vocab_size)
-        for split in ("train", "val"):
-            for path in split_shards(self.data, split, self.manifest)[0]:
-                top = max_token(path, self.manifest["dtype"])
-                if top >= vocab:
-                    raise ValueError(f"{path} holds token {top}, not below the vocabulary size {vocab} "
-                                     f"(manifest {self.manifest['vocab_size']}, model {self.model_cfg.vocab_size}): "
-                                     "the manifest does not describe these shards; re-run tinyfuse prepare")
+        check_token_range(self.data, ("train", "val"), self.manifest,
+                          min(self.manifest["vocab_size"], self.model_cfg.vocab_size))
         self.seq_len = cfg.seq_len or self.model_cfg.max_seq_len
         if self.seq_len > self.model_cfg.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_cfg.max_seq_len}")

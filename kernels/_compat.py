@@ -34,10 +34,6 @@ class _Lazy:
         return self._format(*self._args)
 
 
-def _torch_before(major, minor):
-    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (major, minor)
-
-
 def inductor_fallback_message_fix():
     """Inductor before torch 2.13 formats the text of its "Creating implicit fallback"
     log line whether or not the line is logged: `OperatorIssue.operator_str` prints every
@@ -49,7 +45,7 @@ def inductor_fallback_message_fix():
     built only if the line is logged or the error raised (`str()` of the exception is
     unchanged). Patched on the class, for every op, because the log line is emitted for
     any custom op and inductor has no per-op hook before it."""
-    if not _torch_before(2, 13):
+    if torch.__version__ >= (2, 13):
         return
     from torch._inductor import exc
 
