@@ -9,25 +9,28 @@
 #   summary.md      each stage's outcome and the tables of its rows
 #   gpu_run.log     everything printed
 #
-#   bench/gpu_run.sh [--dry-run] [STAGE ...]      (default: stages 0 1 2 3 4 5)
+#   bench/gpu_run.sh [--dry-run] [STAGE ...]      (default: stages 0 1 2 3 4 5 6)
 #
 # Stages: 0 versions, nvidia-smi and the install (no package index: pip --no-index);
-# 1 the main job (stories260K, 400 steps); 2 the training step of stories15M and
-# stories110M: tinyfuse with and without the CUDA graph, kernels="torch", Hugging Face
-# plain, patched by tinyfuse and by Liger; 3 every op at those presets' shapes against
-# eager torch and torch.compile, with the copy bandwidth; 4 the kernels' tests on the
-# device and the GPU-only tests (pytest -m gpu); 5 the compiled step. A rerun names the stages still missing; it writes into a
-# fresh $OUT. --dry-run runs the same stages on a CPU at smoke sizes (no install; the
+# 1 `tinyfuse check`: every kernel against its float64 reference at each preset's sizes,
+# first, since a wrong kernel makes its timings meaningless (a failure is reported, and
+# the run goes on); 2 the main job (stories260K, 400 steps); 3 the training step of
+# stories15M and stories110M: tinyfuse with and without the CUDA graph, kernels="torch",
+# Hugging Face plain, patched by tinyfuse and by Liger; 4 every op at those presets'
+# shapes against eager torch and torch.compile, with the copy bandwidth; 5 the kernels'
+# tests on the device and the GPU-only tests (pytest -m gpu); 6 the compiled step. A rerun
+# names the stages still missing; it writes into a fresh $OUT. --dry-run runs the same stages on a CPU at smoke sizes (no install; the
 # main job 12 steps): CI runs it.
 #
-# Liger-Kernel, which the GPU image lacks, joins stages 2 and 3 when its wheel is carried
+# Liger-Kernel, which the GPU image lacks, joins stages 3 and 4 when its wheel is carried
 # in .whl/ of the checkout (pure Python; torch and triton are the image's):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel==VERSION
 # and the device call names .whl in carry.
 #
-# Measured on the H200 (2026-11-29): stage 0 48 s (33 s on a warm machine), 1 39 s, 2 77 s,
-# 3 74 s, 4 110 s, 5 122 s: 470 s in all, inside the 540 s budget.
+# Measured on the H200 (2026-11-29, before the check stage existed; numbered as now): stage
+# 0 48 s (33 s on a warm machine), 2 39 s, 3 77 s, 4 74 s, 5 110 s, 6 122 s: 470 s in all.
+# The check stage is predicted at 30-60 s (not yet measured), its limit 90 s.
 #
 # Environment: OUT (default bench-results/gpu), GPU_RUN_BUDGET seconds for the whole run
 # (default 540: one 10-minute device command with room to pack), PYTHON (default python3).
@@ -41,11 +44,11 @@ STAGES=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        [0-5]) STAGES+=("$arg") ;;
-        *) echo "usage: bench/gpu_run.sh [--dry-run] [STAGE ...]   (stages 0-5)" >&2; exit 2 ;;
+        [0-6]) STAGES+=("$arg") ;;
+        *) echo "usage: bench/gpu_run.sh [--dry-run] [STAGE ...]   (stages 0-6)" >&2; exit 2 ;;
     esac
 done
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(0 1 2 3 4 5)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(0 1 2 3 4 5 6)
 START=$(date +%s)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -62,9 +65,9 @@ if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
         && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [ $DRY = 1 ]; then
-    PRESETS="stories260K"; SMOKE="--smoke"; MAIN_STEPS=12
+    PRESETS="stories260K"; SMOKE="--smoke"; MAIN_STEPS=12; CHECK="--dtypes bf16"
 else
-    PRESETS="stories15M stories110M"; SMOKE=""; MAIN_STEPS=400
+    PRESETS="stories15M stories110M"; SMOKE=""; MAIN_STEPS=400; CHECK=""
 fi
 BENCH=(tinyfuse_cli bench $SMOKE --presets $PRESETS)
 
@@ -122,8 +125,12 @@ print('triton', triton.__version__); print('device', torch.cuda.get_device_name(
     $PY -c "import tinyfuse._loader, tinyfuse.kernels; print('tinyfuse imports, C++ loader built')"
 }
 
+check_kernels() {  # every case's line in the log; the JSON of every case in the stage's folder
+    tinyfuse_cli check --json $CHECK > "$WORK/1-check/check.json"
+}
+
 main_job() {
-    local dir=$WORK/1-main
+    local dir=$WORK/2-main
     tinyfuse_cli train --max-steps $MAIN_STEPS --out "$dir/run" > "$dir/train.log" 2>&1
     local code=$?
     tail -n 40 "$dir/train.log"
@@ -136,7 +143,8 @@ gpu_tests() {  # the kernels' own tests at their shapes on the device, then ever
     $PY -c "import xdist" 2> /dev/null && parallel="-n 8"
     if [ $DRY = 0 ]; then  # in the interpreter these take minutes; CI runs them anyway
         $PY -m pytest -q -p no:cacheprovider $parallel tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py \
-            tests/test_cross_entropy.py tests/test_linear_cross_entropy.py tests/test_linear.py tests/test_model.py
+            tests/test_cross_entropy.py tests/test_linear_cross_entropy.py tests/test_linear.py tests/test_model.py \
+            tests/test_check.py -k "not the_command_passes"  # that one is stage 1 again
         kernels=$?
     fi
     $PY -m pytest -q -p no:cacheprovider -m gpu tests
@@ -144,17 +152,18 @@ gpu_tests() {  # the kernels' own tests at their shapes on the device, then ever
     return $(( kernels || marked ))
 }
 
-export -f versions main_job gpu_tests tinyfuse_cli
-export PY DRY WORK MAIN_STEPS
+export -f versions check_kernels main_job gpu_tests tinyfuse_cli
+export PY DRY WORK MAIN_STEPS CHECK
 for s in "${STAGES[@]}"; do
     case $s in
         0) stage 0 versions 150 versions ;;
-        1) stage 1 main 150 main_job ;;
-        2) stage 2 step 200 "${BENCH[@]}" --only step --out "$WORK/2-step" \
+        1) stage 1 check 90 check_kernels ;;
+        2) stage 2 main 150 main_job ;;
+        3) stage 3 step 200 "${BENCH[@]}" --only step --out "$WORK/3-step" \
                --step-rows tinyfuse tinyfuse-nograph tinyfuse-torch hf hf-tinyfuse hf-liger ;;
-        3) stage 3 kernels 240 "${BENCH[@]}" --only kernels --no-sweep --out "$WORK/3-kernels" ;;
-        4) stage 4 gpu-tests 180 gpu_tests ;;
-        5) stage 5 compiled-step 300 "${BENCH[@]}" --only step --out "$WORK/5-compiled-step" \
+        4) stage 4 kernels 240 "${BENCH[@]}" --only kernels --no-sweep --out "$WORK/4-kernels" ;;
+        5) stage 5 gpu-tests 180 gpu_tests ;;
+        6) stage 6 compiled-step 300 "${BENCH[@]}" --only step --out "$WORK/6-compiled-step" \
                --budget $(( $(remaining) - 90 )) --step-rows tinyfuse+compile hf+compile ;;
     esac
 done

@@ -331,6 +331,67 @@ def bench(args):
     return run_bench(args)
 
 
+def check(args):
+    """Every kernel against the float64 evaluation of its reference, on this machine."""
+    if args.device == "cpu" and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors: Triton's interpreter, even beside a GPU
+    select_backend()
+    from tinyfuse.kernels.check import CheckError
+
+    try:
+        return _check(args)
+    except CheckError as e:
+        print(f"tinyfuse check: {e}", file=sys.stderr)
+        return 2
+
+
+def _check(args):
+    import json
+    import random
+
+    from tinyfuse.kernels import check as kernel_check
+    from .model import PRESETS, preset
+
+    try:
+        device = default_device(args.device)
+    except ValueError as e:
+        raise kernel_check.CheckError(str(e)) from None
+    dtypes = []
+    for name in args.dtypes.split(","):
+        if name not in kernel_check.DTYPES:
+            raise kernel_check.CheckError(f"--dtypes: unknown {name!r}; choose from {','.join(kernel_check.DTYPES)}")
+        dtypes.append(kernel_check.DTYPES[name])
+    shapes = []
+    for spec in args.shapes or ["preset" if device.type == "cuda" else "small"]:
+        if spec == "preset":  # each preset's sizes at a training step's tokens (8,192: a 24 GB card holds the float64 loss)
+            shapes += [kernel_check.Shape.of_model(name, preset(name), 8192) for name in PRESETS]
+        else:
+            shapes += {"small": kernel_check.SMALL, "sweep": kernel_check.SWEEP}.get(spec) or \
+                [kernel_check.Shape.rows(spec)]
+    impl = None
+    if args.against:
+        if not args.ops or len(args.ops) != 1:
+            raise kernel_check.CheckError("--against checks one op: name it with --ops (one of "
+                                          f"{', '.join(kernel_check.OP_NAMES)})")
+        impl = kernel_check.load_function(args.against)
+    cases = kernel_check.cases(args.ops, dtypes, shapes)
+    seed = random.SystemRandom().randrange(1 << 31) if args.seed is None else args.seed
+    where = f"{device.type} ({'Triton interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'})"
+    out = sys.stderr if args.json else sys.stdout
+    print(f"tinyfuse check: {len(cases)} cases of {args.against or 'tinyfuse'} on {where}, seed {seed}", file=out)
+    start = time.perf_counter()
+    results = kernel_check.run(cases, device, seed, impl, progress=lambda r: print(r.line(), file=out, flush=True))
+    failed = [r for r in results if not r.ok]
+    print(f"tinyfuse check: {len(results) - len(failed)} of {len(results)} cases passed in "
+          f"{time.perf_counter() - start:.0f} s" + (f"; to repeat these inputs: --seed {seed}" if failed else ""),
+          file=out)
+    if args.json:
+        print(json.dumps({"device": str(device), "seed": seed, "against": args.against,
+                          "passed": len(results) - len(failed), "failed": len(failed),
+                          "cases": [r.record() for r in results]}, indent=1))
+    return 1 if failed else 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinyfuse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -439,6 +500,27 @@ def build_parser():
                         "waves, global access widths and bytes moved, and account for a training step (static.json)")
     p.add_argument("--arch", default="90", help="with --static: compute capabilities, comma-separated (default: 90)")
     p.set_defaults(func=bench)
+
+    p = sub.add_parser("check", help="check every kernel against its float64 reference on this machine",
+                       description="Each op's forward and backward against the float64 evaluation of its reference "
+                                   "(tinyfuse.kernels.reference) on fresh random inputs, held to the tests' "
+                                   "tolerances; a second run must be bit-identical, outputs are written over "
+                                   "NaN-poisoned memory, and each op's first case also runs under "
+                                   "torch.compile(fullgraph=True). Exit 1 when any case fails.")
+    p.add_argument("--ops", nargs="+", metavar="OP", help="these ops only (rms_norm, add_rms_norm, rope, rope_qkv, "
+                                                        "swiglu, cross_entropy, linear_cross_entropy)")
+    p.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated (default: bf16,fp16,fp32)")
+    p.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                   help="preset (each model preset's sizes at 8,192 tokens; the default on CUDA), small (the "
+                        "default on a CPU, in Triton's interpreter), sweep (small and wider), or N,D: N rows of "
+                        "width D for every op")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present")
+    p.add_argument("--seed", type=int, help="the inputs' seed (default: a fresh one, printed)")
+    p.add_argument("--against", metavar="MODULE:FUNCTION",
+                   help="check this function (same signature as the tinyfuse op named by --ops) instead of tinyfuse's; "
+                        "MODULE is importable from here or a .py file")
+    p.add_argument("--json", action="store_true", help="print one JSON object of every case (the lines go to stderr)")
+    p.set_defaults(func=check)
     return parser
 
 

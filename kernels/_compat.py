@@ -24,6 +24,36 @@ def interpreter_loop_bounds_fix():
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+def interpreter_bf16_rounding_fix():
+    """Triton 3.6's interpreter casts float32 to bfloat16 by dropping the low 16 bits
+    (rounding toward zero); the GPU rounds to nearest even (cvt.rn.bf16.f32). Truncation
+    doubles the error of every bf16 output on a CPU (relative norm on normal samples: 3.3e-3
+    against 1.7e-3), so the CPU tests and `tinyfuse check` would judge the kernels by a
+    rounding the GPU does not do. Round to nearest even there too (NaN stays NaN, overflow
+    goes to inf). Guarded by a probe: a cast that already rounds is left alone."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.cast_impl
+    if getattr(original, "tinyfuse_fixed", False):
+        return
+    probe = interpreter.TensorHandle(np.array([1 + 3 * 2.0 ** -9], dtype=np.float32), tl.float32)
+    if int(original(None, probe, tl.bfloat16).data.view(np.uint16)[0]) == 0x3F81:  # 1 + 2^-7: rounded already
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+            return interpreter.TensorHandle(np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    cast_impl.tinyfuse_fixed = True
+    builder.cast_impl = cast_impl
+
+
 class _Lazy:
     """A message formatted only when something prints it."""
 

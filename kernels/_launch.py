@@ -24,6 +24,7 @@ RECORDING_MEMORY = 80 << 30  # an H100's
 
 if INTERPRETER:
     _compat.interpreter_loop_bounds_fix()
+    _compat.interpreter_bf16_rounding_fix()
 _compat.inductor_fallback_message_fix()
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

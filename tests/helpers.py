@@ -25,25 +25,26 @@ if not CUDA:
 
 DEVICE = "cuda" if CUDA else "cpu"
 
+from tinyfuse.kernels import check as kernel_check  # noqa: E402  (after the interpreter is chosen)
+
 
 def gpu_only(reason):
     """Skipped without CUDA, and marked `gpu` so that a GPU session runs just these
-    (`pytest -m gpu`, stage 4 of bench/gpu_run.sh)."""
+    (`pytest -m gpu`, stage 5 of bench/gpu_run.sh)."""
     import pytest
 
     def mark(test):
         return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason=reason)(test))
     return mark
 
-# Inductor on CPU spends ~30 s compiling C++ per graph; aot_eager runs the same
-# dynamo tracing, fake-tensor propagation and AOT autograd that our torch.library
-# registrations must survive. test_compile.py runs full inductor once on CPU too.
-COMPILE_BACKEND = "inductor" if CUDA else "aot_eager"
+# inductor on CUDA, aot_eager on a CPU (why: kernel_check.compile_backend); test_compile.py
+# runs full inductor once on CPU too.
+COMPILE_BACKEND = kernel_check.compile_backend(DEVICE)
 
-# Relative-norm error bounds against a float64 reference: a bound on the output
-# rounding of each dtype (2^-24, 2^-11, 2^-8 unit roundoff) with headroom.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The relative-norm error bounds and the dtypes of `tinyfuse check` (kernels/check.py): one
+# table for both.
+TOLERANCE = kernel_check.TOLERANCE
+DTYPES = list(kernel_check.DTYPES.values())
 
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
@@ -64,9 +65,9 @@ def tiny_run(data, out, **changes):
 
 
 def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
+    """kernel_check.relative_error, asserting that out is finite."""
     assert torch.isfinite(out).all(), "output has NaN or inf: an element was left unwritten or overflowed"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return kernel_check.relative_error(out, ref)
 
 
 def leaf(shape, dtype, scale=1.0):

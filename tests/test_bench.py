@@ -183,16 +183,19 @@ def test_gpu_run_dry_run_returns_what_a_lease_brings_back(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for p in files for part in p.relative_to(out).parts)
     assert {p.name for p in files} == {"results.tar.gz", "rows.jsonl", "summary.md", "gpu_run.log"}
     summary = (out / "summary.md").read_text()
-    for stage in ("| 0 | versions | ok |", "| 1 | main | ok |", "| 2 | step | ok |", "| 3 | kernels | ok |",
-                  "| 4 | gpu-tests | ok |", "| 5 | compiled-step | ok |"):
+    for stage in ("| 0 | versions | ok |", "| 1 | check | ok |", "| 2 | main | ok |", "| 3 | step | ok |",
+                  "| 4 | kernels | ok |", "| 5 | gpu-tests | ok |", "| 6 | compiled-step | ok |"):
         assert stage in summary, summary
     rows = report.read_rows(out / "rows.jsonl")
     assert rows["step"] and rows["kernels"] and all(r.get("error") is None for r in rows["kernels"])
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
-    for folder in ("1-main", "2-step", "3-kernels", "5-compiled-step"):
+    for folder in ("1-check", "2-main", "3-step", "4-kernels", "6-compiled-step"):
         assert any(n.startswith(f"./{folder}/") for n in names), names
-    assert "./1-main/metrics.jsonl" in names and "./2-step/rows.jsonl" in names
+    assert "./2-main/metrics.jsonl" in names and "./3-step/rows.jsonl" in names
+    with tarfile.open(out / "results.tar.gz") as tar:
+        checked = json.load(tar.extractfile("./1-check/check.json"))
+    assert checked["failed"] == 0 and checked["passed"] == len(checked["cases"]) > 0
     bad = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage: bench/gpu_run.sh" in bad.stderr
 

@@ -40,6 +40,10 @@ COMMANDS = {
          {}),
     "tinyfuse export --checkpoint runs/ft --format llama2c-v0 --out ft.bin": ([], {}),
     "tinyfuse export --checkpoint runs/ft --format hf --out ft-hf": ([], {}),
+    "tinyfuse check": (["--dtypes", "fp32", "--device", "cpu"], {}),
+    "tinyfuse check --ops rms_norm --dtypes bf16 --shapes 16384,4096 --seed 1": (["--device", "cpu"],
+                                                                                 {"16384,4096": "64,4096"}),
+    "tinyfuse check --ops rms_norm --against mykernels:rms_norm": (["--device", "cpu"], {}),
     "tinyfuse bench --out bench/results/h100": (["--smoke", "--only", "loader"], {}),
     "tinyfuse bench --presets stories15M --no-sweep --step-rows tinyfuse hf --repeats 20 --budget 300":
         (["--smoke", "--only", "loader"], {}),
@@ -64,6 +68,14 @@ dim = 32
 n_layers = 1
 n_heads = 2
 n_kv_heads = 2
+"""
+
+MYKERNELS = """import torch
+
+
+def rms_norm(x, weight, eps=1e-5):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 """
 
 
@@ -96,6 +108,7 @@ def test_readme_commands_run(tmp_path, shared_data):
         os.symlink(os.path.join(shared_data, name), tmp_path / name)
     os.symlink(os.path.join(shared_data, "tinystories_val_1k.txt"), tmp_path / "stories.txt")
     (tmp_path / "run.toml").write_text(RUN_TOML)
+    (tmp_path / "mykernels.py").write_text(MYKERNELS)
     stories = open(os.path.join(shared_data, "tinystories_val_1k.txt"), encoding="utf-8").read()
     with local_hub() as (server, url):
         server.files["TinyStoriesV2-GPT4-train.txt"] = stories.encode()
@@ -117,6 +130,8 @@ def test_readme_commands_run(tmp_path, shared_data):
     result = json.loads(outputs["tinyfuse eval --checkpoint stories260K.bin --tokenizer tok512.model --data "
                                 "tinystories_val_1k.txt --json"])
     assert result["stories"] == 20 and 0.5 < result["loss"] < 3
+    assert "1 of 1 cases passed" in outputs["tinyfuse check --ops rms_norm --dtypes bf16 --shapes 64,4096 --seed 1"]
+    assert "6 cases of mykernels:rms_norm" in outputs["tinyfuse check --ops rms_norm --against mykernels:rms_norm"]
     assert (tmp_path / "ft.bin").stat().st_size > 0 and (tmp_path / "ft-hf" / "config.json").is_file()
     assert oct((tmp_path / "ft-hf" / "model.safetensors").stat().st_mode & 0o777) == \
         oct((tmp_path / "ft-hf" / "config.json").stat().st_mode & 0o777)
@@ -125,7 +140,7 @@ def test_readme_commands_run(tmp_path, shared_data):
     assert static["arch"] == [90, 80] and {r["arch"] for r in static["kernels"]} == {90, 80}
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "eval", "export", "prepare", "bench"])
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "export", "prepare", "bench", "check"])
 def test_every_flag_has_help(command):
     from tinyfuse.engine.cli import build_parser
 

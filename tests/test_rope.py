@@ -1,3 +1,5 @@
+"""rope: the cases outside `tinyfuse check`'s table. Its grid of dtypes x shapes against
+float64 lives in kernels/check.py and runs in tests/test_check.py."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -19,37 +21,6 @@ def check_rope(q, k, cos, sin, interleaved, dtype):
     assert rel_err(k_out, k_ref) < tol
     assert rel_err(q.grad, q64.grad) < tol
     assert rel_err(k.grad, k64.grad) < tol
-
-
-@pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 8), (6, 6, 48), (12, 12, 64), (4, 1, 128)])
-def test_rope_matches_float64(heads, kv_heads, head_dim, dtype, interleaved):
-    B, T = 2, 11
-    cos, sin = rope_tables(T, head_dim, device=DEVICE)
-    check_rope(leaf((B, T, heads, head_dim), dtype), leaf((B, T, kv_heads, head_dim), dtype), cos, sin,
-               interleaved, dtype)
-
-
-@pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 8), (6, 6, 48), (2, 1, 64)])
-def test_rope_qkv_matches_float64(heads, kv_heads, head_dim, dtype, interleaved):
-    """The fused projection's output in, q and k rotated and v out, one gradient back."""
-    B, T = 2, 7
-    cos, sin = rope_tables(T + 2, head_dim, device=DEVICE)
-    qkv = leaf((B, T, (heads + 2 * kv_heads) * head_dim), dtype)
-    q, k, v = rope_qkv(qkv, cos, sin, heads, kv_heads, interleaved)
-    grads = [torch.randn_like(t) for t in (q, k, v)]
-    sum((t.float() * g.float()).sum() for t, g in zip((q, k, v), grads)).backward()
-    qkv64 = as_float64_leaf(qkv)
-    refs = reference.rope_qkv(qkv64, cos.double(), sin.double(), heads, kv_heads, interleaved)
-    sum((t * g.double()).sum() for t, g in zip(refs, grads)).backward()
-    assert [t.shape for t in (q, k, v)] == [(B, T, heads, head_dim), (B, T, kv_heads, head_dim)] * 1 + \
-        [(B, T, kv_heads, head_dim)] and q.dtype == dtype
-    for got, ref in zip((q, k, v), refs):
-        assert rel_err(got, ref) < TOLERANCE[dtype]
-    assert qkv.grad.shape == qkv.shape and rel_err(qkv.grad, qkv64.grad) < TOLERANCE[dtype]
 
 
 def test_rope_qkv_gradient_needs_no_concatenation_and_v_may_go_unused():
