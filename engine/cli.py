@@ -363,7 +363,7 @@ def _check(args):
         dtypes.append(kernel_check.DTYPES[name])
     shapes = []
     for spec in args.shapes or ["preset" if device.type == "cuda" else "small"]:
-        if spec == "preset":  # each preset's sizes at a training step's tokens (8,192: a 24 GB card holds the float64 loss)
+        if spec == "preset":  # each preset at 8,192 tokens a step: a 24 GB card holds the float64 loss
             shapes += [kernel_check.Shape.of_model(name, preset(name), 8192) for name in PRESETS]
         else:
             shapes += {"small": kernel_check.SMALL, "sweep": kernel_check.SWEEP}.get(spec) or \
@@ -479,8 +479,9 @@ def build_parser():
     p.add_argument("--smoke", action="store_true",
                    help="the whole suite at tiny sizes (on CPU: Triton's interpreter), to check it end to end")
     p.add_argument("--only", nargs="+", choices=["kernels", "step", "loader"], help="these sections only")
-    p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, rope, "
-                                                        "swiglu, cross_entropy, linear_cross_entropy)")
+    p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, "
+                                                        "gemma_rms_norm, rope, swiglu, cross_entropy, "
+                                                        "linear_cross_entropy)")
     from .model import PRESETS as _presets
     from tinyfuse.bench.step import ROW_NAMES
 

@@ -16,6 +16,7 @@ check --against MODULE:FUNCTION`): the reference suite as a tool for other kerne
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -210,9 +211,12 @@ DESCRIBE = {
 
 _LOSS = dict(label_smoothing=0.1, z_loss=1e-4)
 OPS = (
-    Op("rms_norm", "", rms_norm, reference.rms_norm, _make_rms_norm, ("x", "weight"), ("y",)),
-    Op("add_rms_norm", "", add_rms_norm, reference.add_rms_norm, _make_add_rms_norm, ("x", "residual", "weight"),
-       ("y", "h")),
+    # offset=1: Gemma's norm, which scales by 1 + weight
+    *(Op("rms_norm", variant, rms_norm, reference.rms_norm, _make_rms_norm, ("x", "weight"), ("y",), options)
+      for variant, options in (("", {}), ("offset=1", {"offset": 1.0}))),
+    *(Op("add_rms_norm", variant, add_rms_norm, reference.add_rms_norm, _make_add_rms_norm,
+         ("x", "residual", "weight"), ("y", "h"), options)
+      for variant, options in (("", {}), ("offset=1", {"offset": 1.0}))),
     *(Op("rope", layout, rope, reference.rope, _make_rope, ("q", "k", "cos", "sin"), ("q", "k"),
          {"interleaved": layout == "interleaved"}) for layout in ("interleaved", "halves")),
     *(Op("rope_qkv", layout, rope_qkv, reference.rope_qkv, _make_rope_qkv,
@@ -227,7 +231,8 @@ OPS = (
       for reduction in ("mean", "sum", "none")),
     *(Op("linear_cross_entropy", f"{path},{reduction},smoothing,z_loss", linear_cross_entropy,
          reference.linear_cross_entropy, _make_linear_cross_entropy(path == "chunked"), ("hidden", "weight", "target"),
-         ("loss",), {"reduction": reduction, **_LOSS}) for path in ("stored", "chunked") for reduction in ("mean", "none")),
+         ("loss",), {"reduction": reduction, **_LOSS})
+      for path in ("stored", "chunked") for reduction in ("mean", "none")),
 )
 OP_NAMES = tuple(dict.fromkeys(op.name for op in OPS))
 
@@ -241,7 +246,7 @@ class Case:
 
     @property
     def id(self):
-        """A stable name: the test's parameter id and the JSON record's key."""
+        """A stable name (the tests' parameter ids)."""
         return f"{self.op.label}-{DTYPE_NAMES[self.dtype]}-{self.shape.name}"
 
 
@@ -296,7 +301,8 @@ class Result:
         case = self.case
         return {"op": case.op.name, "variant": case.op.variant, "dtype": DTYPE_NAMES[case.dtype],
                 "shape": case.shape.name, "sizes": case.op.describe(case.shape), "ok": self.ok,
-                "tolerance": TOLERANCE[case.dtype], "errors": self.errors, "failures": self.failures,
+                "tolerance": TOLERANCE[case.dtype], "failures": self.failures,
+                "errors": {name: e if e == e else None for name, e in self.errors.items()},  # NaN: null
                 "compiled_error": self.compile_error, "seconds": round(self.seconds, 3)}
 
 
@@ -422,7 +428,8 @@ class poisoned:
         # cuBLAS refuses deterministic mode unless its workspace is fixed; it reads this
         # when its first handle is made.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+        deterministic = torch.utils.deterministic
+        self.previous = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = True
 

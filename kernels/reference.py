@@ -14,15 +14,15 @@ def _compute_dtype(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def rms_norm(x, weight, eps=1e-5):
+def rms_norm(x, weight, eps=1e-5, offset=0.0):
     xf = x.to(_compute_dtype(x))
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (weight.to(xf.dtype) + offset)
     return y.to(x.dtype)
 
 
-def add_rms_norm(x, residual, weight, eps=1e-5):
+def add_rms_norm(x, residual, weight, eps=1e-5, offset=0.0):
     h = x + residual
-    return rms_norm(h, weight, eps), h
+    return rms_norm(h, weight, eps, offset), h
 
 
 def _rotate(x, cos, sin, interleaved):

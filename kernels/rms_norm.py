@@ -20,6 +20,16 @@ from ._launch import (as_rows, check_device, check_float, check_hidden, check_sa
 
 
 @triton.jit
+def _scale(w, OFFSET: tl.constexpr):
+    """The norm's scale in float32: w, or OFFSET + w (Gemma's 1 + w), the add compiled in
+    only where it is asked for, so the kernels without it stay as they were."""
+    w = w.to(tl.float32)
+    if OFFSET != 0.0:
+        w = w + OFFSET
+    return w
+
+
+@triton.jit
 def _load_h(X, R, H, rows64, cols, mask, N, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
     """x, or h = x + residual (written to H), for a [rows, cols] tile. h is rounded to the
     input dtype first: the norm sees exactly the h it returns."""
@@ -32,12 +42,13 @@ def _load_h(X, R, H, rows64, cols, mask, N, stride_x, stride_r, HAS_RESIDUAL: tl
 
 
 @triton.jit
-def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
+def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps, OFFSET: tl.constexpr,
                              HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                              CHUNKS: tl.constexpr):
     """y (and h = x + residual) for ROWS rows held in registers; or, CHUNKS > 1 (ROWS == 1),
     one row too wide to hold, in two passes over CHUNKS pieces: the sum of squares (h
-    written on the way), then y from the row read again (from L2)."""
+    written on the way), then y from the row read again (from L2). The scale is
+    OFFSET + w (Gemma's 1 + w), added in float32 as the weight is read (see _scale)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < M
@@ -47,7 +58,7 @@ def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
         mask = row_mask[:, None] & col_mask[None, :]
         xf = _load_h(X, R, H, rows64, cols, mask, N, stride_x, stride_r, HAS_RESIDUAL).to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = _scale(tl.load(W + cols, mask=col_mask, other=0.0), OFFSET)
         y = xf * rstd[:, None] * w[None, :]
         tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
@@ -65,27 +76,28 @@ def _rms_norm_forward_kernel(X, R, W, Y, H, RSTD, M, N, stride_x, stride_r, eps,
                 xf = tl.load(H + rows64[:, None] * N + c_cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 xf = tl.load(X + rows64[:, None] * stride_x + c_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + c_cols, mask=c_cols < N, other=0.0).to(tl.float32)
+            w = _scale(tl.load(W + c_cols, mask=c_cols < N, other=0.0), OFFSET)
             y = xf * rstd[:, None] * w[None, :]
             tl.store(Y + rows64[:, None] * N + c_cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows64, rstd, mask=row_mask)
 
 
 @triton.jit
-def _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x):
-    """dy, x and w of one chunk of a wide row, in float32 (both passes of the chunked backward)."""
+def _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x, OFFSET: tl.constexpr):
+    """dy, x and the scale OFFSET + w of one chunk of a wide row, in float32 (both passes
+    of the chunked backward)."""
     dy = tl.load(DY + row64 * stride_dy + c_cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X + row64 * stride_x + c_cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + c_cols, mask=mask, other=0.0).to(tl.float32)
-    return dy, x, w
+    return dy, x, _scale(tl.load(W + c_cols, mask=mask, other=0.0), OFFSET)
 
 
 @triton.jit
 def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_dh, stride_x,
-                              blocks_per_program,
+                              blocks_per_program, OFFSET: tl.constexpr,
                               HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
     """dx for blocks_per_program consecutive blocks of ROWS rows, and the sum of their
-    weight gradients in this program's own float32 row of DW_PARTIAL.
+    weight gradients in this program's own float32 row of DW_PARTIAL (the scale is
+    OFFSET + w; its gradient, dy * xhat, is the weight's whatever the offset).
 
     CHUNKS == 1: a whole row fits in BLOCK_N and stays in registers; the weight gradient
     accumulates in registers. CHUNKS > 1 (ROWS == 1): rows too wide to hold go in CHUNKS
@@ -97,7 +109,7 @@ def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_d
     partial = DW_PARTIAL + pid.to(tl.int64) * N
     if CHUNKS == 1:
         col_mask = cols < N
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = _scale(tl.load(W + cols, mask=col_mask, other=0.0), OFFSET)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         # Blocks past the last row are fully masked: no bound check needed. Two stages: the
         # next block's dy, x (and dh) are copied to shared memory (cp.async) while this one
@@ -133,14 +145,14 @@ def _rms_norm_backward_kernel(DY, DH, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_d
             for chunk in range(0, CHUNKS):
                 c_cols = chunk * BLOCK_N + cols
                 mask = (c_cols < N) & row_ok
-                dy, x, w = _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x)
+                dy, x, w = _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x, OFFSET)
                 acc += x * w * dy
             # dx = (w dy - xhat c) rstd with xhat = x rstd and c = sum(xhat w dy) / N
             k = tl.sum(acc, axis=0) * rstd * rstd / N
             for chunk in range(0, CHUNKS):
                 c_cols = chunk * BLOCK_N + cols
                 mask = (c_cols < N) & row_ok
-                dy, x, w = _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x)
+                dy, x, w = _chunk_operands(DY, X, W, row64, c_cols, mask, stride_dy, stride_x, OFFSET)
                 dx = (w * dy - x * k) * rstd
                 if HAS_DH:
                     dx += tl.load(DH + row64 * stride_dh + c_cols, mask=mask, other=0.0).to(tl.float32)
@@ -175,7 +187,7 @@ _WHOLE_ROW = 8192
 _OVERHEAD_SHARE = 0.045
 
 
-def _forward(x, residual, weight, eps):
+def _forward(x, residual, weight, eps, offset):
     n = x.shape[-1]
     x2 = as_rows(x)
     m = x2.shape[0]
@@ -189,10 +201,11 @@ def _forward(x, residual, weight, eps):
     if m > 0:
         args = [x2, r2, weight, y, h, rstd, m, n, x2.stride(0), r2.stride(0), eps]
         if n > _WHOLE_ROW:
-            kwargs = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW),
-                          ROWS=1, num_warps=warps_for(_WHOLE_ROW))
+            kwargs = dict(OFFSET=offset, HAS_RESIDUAL=residual is not None, BLOCK_N=_WHOLE_ROW,
+                          CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1, num_warps=warps_for(_WHOLE_ROW))
         else:
-            kwargs = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
+            kwargs = dict(OFFSET=offset, HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(n),
+                          CHUNKS=1)
             key = ("rms_norm_forward", *kwargs.values(), x.dtype, weight.dtype)
             kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(_rms_norm_forward_kernel, args, kwargs, x.device,
                                                                    key, m, kwargs["BLOCK_N"])
@@ -201,30 +214,31 @@ def _forward(x, residual, weight, eps):
 
 
 @torch.library.custom_op("tinyfuse::rms_norm_forward", mutates_args=())
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, _, rstd = _forward(x, None, weight, eps)
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = _forward(x, None, weight, eps, offset)
     return y, rstd
 
 
 @rms_norm_forward.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, offset):
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
 @torch.library.custom_op("tinyfuse::add_rms_norm_forward", mutates_args=())
 def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, residual, weight, eps)
+                         eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, residual, weight, eps, offset)
 
 
 @add_rms_norm_forward.register_fake
-def _(x, residual, weight, eps):
+def _(x, residual, weight, eps, offset):
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
 @torch.library.custom_op("tinyfuse::rms_norm_backward", mutates_args=())
 def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      rstd: torch.Tensor, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of y = rms_norm(x) w.r.t. x and weight; dh, the gradient reaching
     h = x + residual directly, is added to dx when the residual stream carries one."""
     n = x.shape[-1]
@@ -236,16 +250,16 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     # rstd (float32) stands in for the partials, and 2 for the blocks a program takes,
     # while the binary is sized: 1 would be specialised into a different one.
     args = [dy2, dh2, x2, weight, rstd, dx, rstd, m, n, dy2.stride(0), dh2.stride(0), x2.stride(0), 2]
-    key = ("rms_norm_backward", dh is not None, x.dtype, weight.dtype)
+    key = ("rms_norm_backward", dh is not None, x.dtype, weight.dtype, offset)
     if n > _WHOLE_ROW:
         # One program an SM at most: a partial row is 32-256 KiB against a few MB of rows.
-        kwargs = dict(HAS_DH=dh is not None, BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1,
-                      num_warps=warps_for(_WHOLE_ROW, per_thread=16))
+        kwargs = dict(OFFSET=offset, HAS_DH=dh is not None, BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW),
+                      ROWS=1, num_warps=warps_for(_WHOLE_ROW, per_thread=16))
         resident = multiprocessors(x.device)
     else:
         # Whole rows in registers, 16 values of dy and x a thread (4 warps held 32 at 4096
         # wide: 204 registers, 2 blocks/SM).
-        kwargs = dict(HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
+        kwargs = dict(OFFSET=offset, HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
         kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(
             _rms_norm_backward_kernel, args, kwargs, x.device, (*key, kwargs["BLOCK_N"]), m, kwargs["BLOCK_N"],
             per_thread=16)
@@ -271,36 +285,38 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
 
 
 @rms_norm_backward.register_fake
-def _(dy, dh, x, weight, rstd):
+def _(dy, dh, x, weight, rstd, offset):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.tinyfuse.rms_norm_forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, offset):
+        y, rstd = torch.ops.tinyfuse.rms_norm_forward(x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.tinyfuse.rms_norm_backward(dy, None, x, weight, rstd)
-        return dx, dw, None
+        dx, dw = torch.ops.tinyfuse.rms_norm_backward(dy, None, x, weight, rstd, ctx.offset)
+        return dx, dw, None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        y, h, rstd = torch.ops.tinyfuse.add_rms_norm_forward(x, residual, weight, eps)
+    def forward(ctx, x, residual, weight, eps, offset):
+        y, h, rstd = torch.ops.tinyfuse.add_rms_norm_forward(x, residual, weight, eps, offset)
         ctx.save_for_backward(h, weight, rstd)
+        ctx.offset = offset
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
         h, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.tinyfuse.rms_norm_backward(dy, dh, h, weight, rstd)
-        return dx, dx, dw, None
+        dx, dw = torch.ops.tinyfuse.rms_norm_backward(dy, dh, h, weight, rstd, ctx.offset)
+        return dx, dx, dw, None, None
 
 
 def _check(x, weight, **others):
@@ -319,28 +335,32 @@ def _check(x, weight, **others):
     check_hidden("x", x.shape[-1])
 
 
-def rms_norm(x, weight, eps=1e-5):
-    """x * rsqrt(mean(x**2, -1) + eps) * weight, in float32 math, returned in x's dtype."""
+def rms_norm(x, weight, eps=1e-5, offset=0.0):
+    """x * rsqrt(mean(x**2, -1) + eps) * (offset + weight), in float32 math, returned in
+    x's dtype. offset=1.0 is Gemma's norm, whose weight is stored around 0; the offset is
+    added in the kernel as the weight is read, so no shifted copy of the weight is made."""
     _check(x, weight)
-    return RMSNormFunction.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps, float(offset))
 
 
-def add_rms_norm(x, residual, weight, eps=1e-5):
-    """(rms_norm(x + residual), x + residual) in one pass: the pre-norm residual stream."""
+def add_rms_norm(x, residual, weight, eps=1e-5, offset=0.0):
+    """(rms_norm(x + residual, weight, eps, offset), x + residual) in one pass: the pre-norm
+    residual stream."""
     _check(x, weight, residual=residual)
-    return AddRMSNormFunction.apply(x, residual, weight, eps)
+    return AddRMSNormFunction.apply(x, residual, weight, eps, float(offset))
 
 
 class RMSNorm(torch.nn.Module):
-    """Drop-in for torch.nn.RMSNorm(dim, eps) backed by the fused kernel."""
+    """Drop-in for torch.nn.RMSNorm(dim, eps) backed by the fused kernel; with offset=1.0,
+    Gemma's norm (the weight starts at 0 and scales by 1 + weight)."""
 
-    def __init__(self, dim, eps=1e-5, device=None, dtype=None):
+    def __init__(self, dim, eps=1e-5, offset=0.0, device=None, dtype=None):
         super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps, self.offset = eps, float(offset)
+        self.weight = torch.nn.Parameter(torch.full((dim,), 1.0 - self.offset, device=device, dtype=dtype))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
     def extra_repr(self):
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", offset={self.offset}" if self.offset else "")

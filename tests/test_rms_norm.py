@@ -155,6 +155,23 @@ def test_module_is_drop_in_for_torch_rmsnorm():
     theirs.load_state_dict(ours.state_dict())
 
 
+def test_gemma_offset_module_starts_as_a_unit_scale_and_compiles():
+    """RMSNorm(offset=1.0): Gemma's norm, weight stored around 0 and scaled by 1 + weight
+    (the float64 grid with the offset is in tinyfuse check's table); it starts at zeros,
+    equal to a plain norm of unit weight, and compiles without a graph break."""
+    x = leaf((3, 7, 96), torch.float32)
+    gemma = RMSNorm(96, offset=1.0).to(DEVICE)
+    assert torch.equal(gemma.weight.detach(), torch.zeros(96, device=DEVICE)) and "offset=1.0" in repr(gemma)
+    assert rel_err(gemma(x), reference.rms_norm(x.detach(), torch.ones(96, device=DEVICE))) < 1e-6
+    with torch.no_grad():
+        gemma.weight.normal_()
+    compiled = torch.compile(gemma, fullgraph=True, backend=COMPILE_BACKEND)
+    compiled(x).sum().backward()
+    x64, w64 = as_float64_leaf(x), as_float64_leaf(gemma.weight)
+    reference.rms_norm(x64, w64, offset=1.0).sum().backward()
+    assert rel_err(x.grad, x64.grad) < 1e-5 and rel_err(gemma.weight.grad, w64.grad) < 1e-5
+
+
 def test_bad_inputs_get_clear_errors():
     x = torch.randn(4, 64, device=DEVICE)
     w = torch.randn(64, device=DEVICE)
