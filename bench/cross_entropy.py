@@ -14,18 +14,24 @@ implementation shows below 100% by design.
 The torch baselines are what a user writes: F.cross_entropy on float32 logits (and on
 hidden @ weight.T for the linear one), eager and under torch.compile.
 
+softcap_cross_entropy is cross_entropy with Gemma 2's soft cap (30 * tanh(logits / 30)),
+the same byte model, at the presets' shapes only: one more exponential a logit each
+pass, to see whether it stays memory-bound.
+
 linear_cross_entropy (hidden [N, D], weight [V, D]) is bound by its matmuls: it reports
 TFLOP/s from 2NVD FLOPs forward and 4NVD backward (6NVD together; recomputing the logits
 in the backward, as tinyfuse does, is not counted).
 """
 import sys
 
+import torch
 import torch.nn.functional as F
 from tinyfuse import kernels
 
 from .kernels import Case, compiled, leaf, liger, main_for, preset_shapes, sweep_vocab, targets
 
-OPS = ("cross_entropy", "linear_cross_entropy")
+OPS = ("cross_entropy", "softcap_cross_entropy", "linear_cross_entropy")
+SOFTCAP = 30.0
 
 
 def _make_ce(n, v):
@@ -42,9 +48,10 @@ def _make_lce(n, d, v):
 
 def cases(op, smoke):
     presets = preset_shapes(smoke)
-    if op == "cross_entropy":
-        shapes = [(name, b * t, cfg.vocab_size) for name, b, t, cfg in presets] + \
-                 [("sweep", n, v) for n, v in sweep_vocab(smoke)]
+    if op in ("cross_entropy", "softcap_cross_entropy"):
+        shapes = [(name, b * t, cfg.vocab_size) for name, b, t, cfg in presets]
+        if op == "cross_entropy":
+            shapes += [("sweep", n, v) for n, v in sweep_vocab(smoke)]
         return [Case(op, group, (n, v), v, _make_ce(n, v), {"fwd": 2 * n * v, "bwd": 0, "fwd+bwd": 2 * n * v})
                 for group, n, v in shapes]
     n, d = (8, 64) if smoke else (8192, 1024)
@@ -59,6 +66,10 @@ def torch_cross_entropy(logits, target):
     return F.cross_entropy(logits.float(), target)
 
 
+def torch_softcap_cross_entropy(logits, target):
+    return F.cross_entropy(SOFTCAP * torch.tanh(logits.float() / SOFTCAP), target)
+
+
 def torch_linear_cross_entropy(hidden, weight, target):
     return F.cross_entropy((hidden @ weight.T).float(), target)
 
@@ -70,6 +81,13 @@ def impls(op, backend):
                  "torch.compile": compiled(torch_cross_entropy, backend)}
         if lk:
             found["liger"] = lk.liger_cross_entropy
+        return found
+    if op == "softcap_cross_entropy":
+        found = {"tinyfuse": lambda logits, target: kernels.cross_entropy(logits, target, softcap=SOFTCAP),
+                 "torch": torch_softcap_cross_entropy,
+                 "torch.compile": compiled(torch_softcap_cross_entropy, backend)}
+        if lk:
+            found["liger"] = lambda logits, target: lk.liger_cross_entropy(logits, target, softcap=SOFTCAP)
         return found
     found = {"tinyfuse": kernels.linear_cross_entropy, "torch": torch_linear_cross_entropy,
              "torch.compile": compiled(torch_linear_cross_entropy, backend)}

@@ -378,6 +378,13 @@ def _check(args):
     seed = random.SystemRandom().randrange(1 << 31) if args.seed is None else args.seed
     where = f"{device.type} ({'Triton interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'})"
     out = sys.stderr if args.json else sys.stdout
+    if impl is not None:
+        untaken = {c.op.label: ", ".join(c.op.options) for c in cases if not kernel_check.takes_options(impl, c.op)}
+        for label, options in untaken.items():
+            print(f"skip {label}: {args.against} takes no {options}", file=out)
+        cases = [c for c in cases if c.op.label not in untaken]
+        if not cases:
+            raise kernel_check.CheckError(f"no case to run: {args.against} takes none of the op's variants")
     print(f"tinyfuse check: {len(cases)} cases of {args.against or 'tinyfuse'} on {where}, seed {seed}", file=out)
     start = time.perf_counter()
     results = kernel_check.run(cases, device, seed, impl, progress=lambda r: print(r.line(), file=out, flush=True))
@@ -481,7 +488,7 @@ def build_parser():
     p.add_argument("--only", nargs="+", choices=["kernels", "step", "loader"], help="these sections only")
     p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, "
                                                         "gemma_rms_norm, rope, swiglu, cross_entropy, "
-                                                        "linear_cross_entropy)")
+                                                        "softcap_cross_entropy, linear_cross_entropy)")
     from .model import PRESETS as _presets
     from tinyfuse.bench.step import ROW_NAMES
 

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -188,13 +189,15 @@ def _make_cross_entropy(ignore_index):
 LOGIT_STD = 2.0
 
 
-def _make_linear_cross_entropy(chunked):
+def _make_linear_cross_entropy(chunked, bias=False):
     def make(shape, dtype, device, gen):
         hidden = _randn((shape.tokens, shape.dim), dtype, device, gen)
         weight = _randn((shape.vocab, shape.dim), dtype, device, gen, shape.dim ** -0.5 * LOGIT_STD)
         # chunked: the backward recomputes the logits, 3 chunks or more (the default size at a model's shapes)
         options = {"memory_budget": 0, "chunk_size": max(1, shape.tokens // 3) if shape.tokens < 256 else None} \
             if chunked else {}
+        if bias:
+            options["bias"] = _randn((shape.vocab,), dtype, device, gen)
         return [hidden, weight, _targets(shape.tokens, shape.vocab, device, gen)], options
     return make
 
@@ -229,12 +232,21 @@ OPS = (
     *(Op("cross_entropy", f"{reduction},smoothing,z_loss,ignore_index=7", cross_entropy, reference.cross_entropy,
          _make_cross_entropy(7), ("logits", "target"), ("loss",), {"reduction": reduction, "ignore_index": 7, **_LOSS})
       for reduction in ("mean", "sum", "none")),
+    # Gemma 2's soft cap and Granite's logit scale (a cap of 5 bends logits of std 4 well into the tanh)
+    *(Op("cross_entropy", f"{reduction},softcap=5,logit_scale=0.5", cross_entropy, reference.cross_entropy,
+         _make_cross_entropy(-100), ("logits", "target"), ("loss",),
+         {"reduction": reduction, "softcap": 5.0, "logit_scale": 0.5}) for reduction in ("mean", "none")),
+    *(Op("linear_cross_entropy", f"{path},bias,softcap=5,logit_scale=0.5", linear_cross_entropy,
+         reference.linear_cross_entropy, _make_linear_cross_entropy(path == "chunked", bias=True),
+         ("hidden", "weight", "target"), ("loss",), {"softcap": 5.0, "logit_scale": 0.5})
+      for path in ("stored", "chunked")),
     *(Op("linear_cross_entropy", f"{path},{reduction},smoothing,z_loss", linear_cross_entropy,
          reference.linear_cross_entropy, _make_linear_cross_entropy(path == "chunked"), ("hidden", "weight", "target"),
          ("loss",), {"reduction": reduction, **_LOSS})
       for path in ("stored", "chunked") for reduction in ("mean", "none")),
 )
 OP_NAMES = tuple(dict.fromkeys(op.name for op in OPS))
+_LABEL_WIDTH = max(len(op.label) for op in OPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +301,7 @@ class Result:
         """One line: the verdict, the case, and the worst error or what failed."""
         case = self.case
         tol = TOLERANCE[case.dtype]
-        head = f"{'ok' if self.ok else 'FAIL':4} {case.op.label:52} {DTYPE_NAMES[case.dtype]:4} " \
+        head = f"{'ok' if self.ok else 'FAIL':4} {case.op.label:{_LABEL_WIDTH}} {DTYPE_NAMES[case.dtype]:4} " \
                f"{case.op.describe(case.shape):22}"
         if not self.ok:
             return f"{head} {'; '.join(self.failures)}"
@@ -314,15 +326,17 @@ def relative_error(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _float64(args):
-    """The reference's inputs: every float tensor in float64, those that need a gradient
-    as new leaves."""
-    out = []
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            a = a.detach().double().requires_grad_(a.requires_grad)
-        out.append(a)
-    return out
+def _float64(value):
+    """A reference input: a float tensor in float64 (a new leaf when it needs a gradient)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().double().requires_grad_(value.requires_grad)
+    return value
+
+
+def _tensor_inputs(op, args, options):
+    """(name, tensor) of every tensor input, positional or keyword (a bias)."""
+    named = list(zip(op.arg_names, args)) + list(options.items())
+    return [(n, a) for n, a in named if isinstance(a, torch.Tensor)]
 
 
 def _forward(fn, args, options):
@@ -330,13 +344,13 @@ def _forward(fn, args, options):
     return outs if isinstance(outs, tuple) else (outs,)
 
 
-def _backward(op, args, outs, upstream):
+def _backward(op, args, options, outs, upstream):
     """{name: tensor} of the outputs and of the gradients, for the upstream gradients
     `upstream` (drawn once per case), of every input that requires one (None where the
     function left it unused)."""
     if len(outs) != len(upstream):
         raise ValueError(f"returned {len(outs)} outputs, the reference {len(upstream)}")
-    leaves = [(n, a) for n, a in zip(op.arg_names, args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    leaves = [(n, a) for n, a in _tensor_inputs(op, args, options) if a.requires_grad]
     grads = torch.autograd.grad(outs, [a for _, a in leaves], [g.to(o.dtype) for o, g in zip(outs, upstream)],
                                 allow_unused=True)
     return {**dict(zip(op.out_names, (o.detach() for o in outs))), **{f"d{n}": g for (n, _), g in zip(leaves, grads)}}
@@ -363,18 +377,18 @@ def check_case(case, device, generator, impl=None, compile_backend=None):
     try:
         args, shaped = op.make(case.shape, case.dtype, device, generator)
         options = {**op.options, **shaped}
-        args64 = _float64(args)
-        outs64 = _forward(op.reference, args64, options)
+        args64, options64 = [_float64(a) for a in args], {k: _float64(v) for k, v in options.items()}
+        outs64 = _forward(op.reference, args64, options64)
         upstream = _upstream(outs64, case.dtype, generator)
-        ref = _backward(op, args64, outs64, upstream)
-        got = _backward(op, args, _forward(fn, args, options), upstream)
-        again = _backward(op, args, _forward(fn, args, options), upstream)
+        ref = _backward(op, args64, options64, outs64, upstream)
+        got = _backward(op, args, options, _forward(fn, args, options), upstream)
+        again = _backward(op, args, options, _forward(fn, args, options), upstream)
     except Exception as e:  # an implementation that cannot take this case fails it, in one line
         text = str(e).strip().splitlines()
         return Result(case, {}, [f"raised {type(e).__name__}" + (f": {text[0]}" if text else "")],
                       seconds=time.perf_counter() - start)
     expected_dtype = {**{n: case.dtype for n in op.out_names},
-                      **{f"d{n}": a.dtype for n, a in zip(op.arg_names, args) if isinstance(a, torch.Tensor)}}
+                      **{f"d{n}": a.dtype for n, a in _tensor_inputs(op, args, options)}}
     errors, failures = {}, []
     for name, ref_t in ref.items():
         out = got[name]
@@ -409,7 +423,7 @@ def _check_compiled(op, fn, args, options, upstream, eager, backend, tol, failur
     torch._dynamo.reset()  # a fresh compile per case: no cache limit sends a later case back to eager
     compiled = torch.compile(functools.partial(fn, **options), fullgraph=True, backend=backend, dynamic=False)
     try:
-        got = _backward(op, args, _forward(compiled, args, {}), upstream)
+        got = _backward(op, args, options, _forward(compiled, args, {}), upstream)
     except Exception as e:
         failures.append(f"torch.compile(fullgraph=True) raised {type(e).__name__}: {str(e).splitlines()[0]}")
         return None
@@ -457,6 +471,16 @@ def run(case_list, device, seed, impl=None, progress=None):
             if progress:
                 progress(result)
     return results
+
+
+def takes_options(fn, op):
+    """Whether fn accepts the keyword options of the op variant (an --against function may
+    implement the plain op only: Gemma's offset, a soft cap, a bias are optional)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: try every variant
+        return True
+    return any(p.kind == p.VAR_KEYWORD for p in params.values()) or all(name in params for name in op.options)
 
 
 def load_function(spec):

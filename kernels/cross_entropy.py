@@ -1,4 +1,6 @@
-"""Cross-entropy over [N, V] logits, with label smoothing and PaLM's z-loss.
+"""Cross-entropy over [N, V] logits, with label smoothing, PaLM's z-loss, and the logit
+transforms of Granite (a logit scale) and Gemma 2 (soft-capping: cap * tanh(logits / cap)),
+applied inside the same pass.
 
 Forward: one read of the logits. Each program streams one row in vocabulary
 blocks with an online softmax (a running max per row and a rescaled running sum,
@@ -19,6 +21,7 @@ Targets outside [0, V) other than ignore_index: with TINYFUSE_DEBUG=1 the call
 raises (at the cost of a host sync); otherwise no memory outside the row is read
 and the row's loss and gradient are NaN, so the error shows in the loss.
 """
+import math
 import os
 
 import torch
@@ -31,25 +34,55 @@ _FLOOR = tl.constexpr(-1.0e30)  # stands in for -inf in masked lanes: exp(_FLOOR
 
 
 @triton.jit
+def _logit(x, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The logit the softmax sees, in float32: x * LOGIT_SCALE, then soft-capped to
+    SOFTCAP * tanh(. / SOFTCAP) when SOFTCAP > 0. Each step is compiled in only where it is
+    asked for, so the plain loss's kernels stay as they were."""
+    x = x.to(tl.float32)
+    if LOGIT_SCALE != 1.0:
+        x = x * LOGIT_SCALE
+    if SOFTCAP > 0.0:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both ends (exp overflows to inf: 1;
+        # underflows to 0: -1), absolute error ~1e-7 near 0, which the cap multiplies
+        x = SOFTCAP * (1.0 - 2.0 / (tl.exp(x * (2.0 / SOFTCAP)) + 1.0))
+    return x
+
+
+@triton.jit
+def _logit_slope(t, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """d logit / d x from the logit t = _logit(x): LOGIT_SCALE * (1 - (t / SOFTCAP)^2)."""
+    if SOFTCAP > 0.0:
+        u = t / SOFTCAP
+        slope = (1.0 - u * u) * LOGIT_SCALE
+    else:
+        slope = tl.full(t.shape, LOGIT_SCALE, tl.float32)
+    return slope
+
+
+@triton.jit
 def _store_grad_row(x_row, dx_row, target, lse, upstream, ignore_index, V, label_smoothing, z_loss,
-                    BLOCK_V: tl.constexpr):
+                    BLOCK_V: tl.constexpr, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One row's gradient times upstream into dx_row: softmax (times the z-loss factor) less
-    the smoothed one-hot target. Ignored rows get exactly 0, even when upstream is inf (an
-    all-ignored "mean"); an out-of-range target gets NaN."""
+    the smoothed one-hot target, times the logit transform's slope. Ignored rows get
+    exactly 0, even when upstream is inf (an all-ignored "mean"); an out-of-range target
+    gets NaN."""
     scale = tl.where(target != ignore_index, upstream, 0.0)
     scale = tl.where((target == ignore_index) | ((target >= 0) & (target < V)), scale, float("nan"))
     p_scale = 1.0 + 2.0 * z_loss * lse
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _logit(tl.load(x_row + cols, mask=mask, other=0.0), LOGIT_SCALE, SOFTCAP)
         grad = tl.exp(x - lse) * p_scale - label_smoothing / V - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+        if LOGIT_SCALE != 1.0 or SOFTCAP > 0.0:
+            grad = grad * _logit_slope(x, LOGIT_SCALE, SOFTCAP)
         tl.store(dx_row + cols, (grad * scale).to(dx_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _cross_entropy_forward_kernel(X, TARGET, LOSS, LSE, DX, GRAD_SCALE, V, stride_x, stride_dx, ignore_index,
-                                  label_smoothing, z_loss, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+                                  label_smoothing, z_loss, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                                  LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One row: its loss and logsumexp, and with WRITE_GRAD its gradient times the device
     scalar GRAD_SCALE, written from a second pass over the row (read again from L2).
     The running max is one scalar per row, so each element takes one exponential a pass."""
@@ -61,7 +94,7 @@ def _cross_entropy_forward_kernel(X, TARGET, LOSS, LSE, DX, GRAD_SCALE, V, strid
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), _FLOOR)
+        x = tl.where(mask, _logit(tl.load(x_row + cols, mask=mask, other=0.0), LOGIT_SCALE, SOFTCAP), _FLOOR)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # masked lanes: exp(_FLOOR - m) = 0
         s += tl.where(mask, x, 0.0)
@@ -70,22 +103,24 @@ def _cross_entropy_forward_kernel(X, TARGET, LOSS, LSE, DX, GRAD_SCALE, V, strid
     target = tl.load(TARGET + row)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
-    x_target = tl.load(x_row + target, mask=valid & in_range, other=0.0).to(tl.float32)
+    x_target = _logit(tl.load(x_row + target, mask=valid & in_range, other=0.0), LOGIT_SCALE, SOFTCAP)
     loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * tl.sum(s, axis=0) / V + z_loss * lse * lse
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
         _store_grad_row(x_row, DX + row * stride_dx, target, lse, tl.load(GRAD_SCALE), ignore_index, V,
-                        label_smoothing, z_loss, BLOCK_V)
+                        label_smoothing, z_loss, BLOCK_V, LOGIT_SCALE, SOFTCAP)
 
 
 @triton.jit
 def _cross_entropy_backward_kernel(X, TARGET, LSE, DLOSS, DX, V, stride_x, stride_dx, stride_dloss, ignore_index,
-                                   label_smoothing, z_loss, BLOCK_V: tl.constexpr):
+                                   label_smoothing, z_loss, BLOCK_V: tl.constexpr, LOGIT_SCALE: tl.constexpr,
+                                   SOFTCAP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     _store_grad_row(X + row * stride_x, DX + row * stride_dx, tl.load(TARGET + row), tl.load(LSE + row),
-                    tl.load(DLOSS + row * stride_dloss), ignore_index, V, label_smoothing, z_loss, BLOCK_V)
+                    tl.load(DLOSS + row * stride_dloss), ignore_index, V, label_smoothing, z_loss, BLOCK_V,
+                    LOGIT_SCALE, SOFTCAP)
 
 
 @triton.jit
@@ -123,10 +158,11 @@ def _row_warps(block_v):
 
 
 def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits=None,
-                       grad_scale=None):
-    """Per-row float32 loss and logsumexp of logits [N, V] into loss and lse; with
-    grad_logits (may be logits itself) also the rows' gradient times the device scalar
-    grad_scale, in the same launch (launch only)."""
+                       grad_scale=None, logit_scale=1.0, softcap=0.0):
+    """Per-row float32 loss and logsumexp of logits [N, V] (seen through the logit scale
+    and the soft cap; softcap 0: none) into loss and lse; with grad_logits (may be logits
+    itself) also the rows' gradient times the device scalar grad_scale, in the same
+    launch (launch only)."""
     n, v = logits.shape
     write_grad = grad_logits is not None
     block_v = _block_v(v)
@@ -135,65 +171,68 @@ def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, lo
                                             grad_scale if write_grad else lse, v, logits.stride(0),
                                             grad_logits.stride(0) if write_grad else 0, ignore_index,
                                             label_smoothing, z_loss, BLOCK_V=block_v, WRITE_GRAD=write_grad,
-                                            num_warps=_row_warps(block_v))
+                                            LOGIT_SCALE=logit_scale, SOFTCAP=softcap, num_warps=_row_warps(block_v))
 
 
-def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, grad_logits):
+def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, grad_logits,
+                            logit_scale=1.0, softcap=0.0):
     """Gradient of the per-row losses, scaled by grad_loss [N], into grad_logits (may be logits itself)."""
     n, v = logits.shape
     block_v = _block_v(v)
     if n > 0:
         _cross_entropy_backward_kernel[(n,)](logits, target, lse, grad_loss, grad_logits, v, logits.stride(0),
                                              grad_logits.stride(0), grad_loss.stride(0), ignore_index,
-                                             label_smoothing, z_loss, BLOCK_V=block_v, num_warps=_row_warps(block_v))
+                                             label_smoothing, z_loss, BLOCK_V=block_v, LOGIT_SCALE=logit_scale,
+                                             SOFTCAP=softcap, num_warps=_row_warps(block_v))
 
 
 @torch.library.custom_op("tinyfuse::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float,
-                          z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          z_loss: float, logit_scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = unit_last_stride(logits)
     n = logits.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-    cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse)
+    cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse, logit_scale=logit_scale,
+                       softcap=softcap)
     return loss, lse
 
 
 @cross_entropy_forward.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss):
+def _(logits, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap):
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
 @torch.library.custom_op("tinyfuse::cross_entropy_backward", mutates_args=("grad_logits",))
 def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
-                           ignore_index: int, label_smoothing: float, z_loss: float,
-                           grad_logits: torch.Tensor) -> None:
+                           ignore_index: int, label_smoothing: float, z_loss: float, logit_scale: float,
+                           softcap: float, grad_logits: torch.Tensor) -> None:
     cross_entropy_grad_rows(unit_last_stride(logits), target, lse, grad_loss, ignore_index, label_smoothing,
-                            z_loss, grad_logits)
+                            z_loss, grad_logits, logit_scale, softcap)
 
 
 @cross_entropy_backward.register_fake
-def _(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, grad_logits):
+def _(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, logit_scale, softcap, grad_logits):
     return None
 
 
 @torch.library.custom_op("tinyfuse::cross_entropy_forward_grad", mutates_args=("grad_logits",))
 def cross_entropy_forward_grad(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.Tensor,
-                               ignore_index: int, label_smoothing: float, z_loss: float,
-                               grad_logits: torch.Tensor) -> torch.Tensor:
+                               ignore_index: int, label_smoothing: float, z_loss: float, logit_scale: float,
+                               softcap: float, grad_logits: torch.Tensor) -> torch.Tensor:
     """Per-row float32 losses, and into grad_logits (may be logits itself) the gradient of
     their sum times grad_scale, a float32 device scalar, in one launch."""
     n = logits.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     cross_entropy_rows(unit_last_stride(logits), target, ignore_index, label_smoothing, z_loss, loss, lse,
-                       grad_logits, grad_scale)
+                       grad_logits, grad_scale, logit_scale, softcap)
     return loss
 
 
 @cross_entropy_forward_grad.register_fake
-def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, grad_logits):
+def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, logit_scale, softcap, grad_logits):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
@@ -227,19 +266,21 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, inplace_backward, reduction):
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, inplace_backward, reduction, logit_scale,
+                softcap):
         ctx.stored = reduction != "none" and ctx.needs_input_grad[0]
         if ctx.stored:
             count = (target != ignore_index).sum()
             scale = 1.0 / count if reduction == "mean" else torch.ones((), dtype=torch.float32, device=logits.device)
             grad = logits if inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             loss = torch.ops.tinyfuse.cross_entropy_forward_grad(logits, target, scale.float(), ignore_index,
-                                                                 label_smoothing, z_loss, grad)
+                                                                 label_smoothing, z_loss, logit_scale, softcap, grad)
             ctx.save_for_backward(grad)
             return loss.sum() / count if reduction == "mean" else loss.sum()
-        loss, lse = torch.ops.tinyfuse.cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss)
+        loss, lse = torch.ops.tinyfuse.cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss,
+                                                             logit_scale, softcap)
         ctx.save_for_backward(logits, target, lse)
-        ctx.options = ignore_index, label_smoothing, z_loss, inplace_backward
+        ctx.options = ignore_index, label_smoothing, z_loss, logit_scale, softcap, inplace_backward
         return reduce_loss(loss, target, ignore_index, reduction)
 
     @staticmethod
@@ -247,16 +288,25 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.stored:
             (grad,) = ctx.saved_tensors
             torch.ops.tinyfuse.scale_gradient_(grad, grad_loss.float())
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None
         logits, target, lse = ctx.saved_tensors
-        ignore_index, label_smoothing, z_loss, inplace_backward = ctx.options
+        ignore_index, label_smoothing, z_loss, logit_scale, softcap, inplace_backward = ctx.options
         grad = logits if inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         torch.ops.tinyfuse.cross_entropy_backward(logits, target, lse, grad_loss, ignore_index, label_smoothing,
-                                                  z_loss, grad)
-        return grad, None, None, None, None, None, None
+                                                  z_loss, logit_scale, softcap, grad)
+        return grad, None, None, None, None, None, None, None, None
 
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_logit_transform(logit_scale, softcap):
+    """The logit scale and soft cap as the kernels take them (softcap None: 0.0, none)."""
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale: expected a finite number > 0; got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected None or a finite number > 0; got {softcap!r}")
+    return float(logit_scale), float(softcap or 0.0)
 
 
 def check_loss_options(target, n_rows, ignore_index, reduction, label_smoothing, z_loss, n_classes):
@@ -295,8 +345,12 @@ def reduce_loss(loss, target, ignore_index, reduction):
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                  inplace_backward=False):
+                  inplace_backward=False, softcap=None, logit_scale=1.0):
     """torch.nn.functional.cross_entropy on logits [N, V], plus z_loss * logsumexp(logits)**2 per token.
+
+    The softmax sees logits * logit_scale (Granite's 1 / logits_scaling), soft-capped to
+    softcap * tanh(. / softcap) when softcap is given (Gemma 2's final_logit_softcapping),
+    formed in the kernels as the logits are read; the gradient goes through both.
 
     With "mean" or "sum" and logits that need a gradient, the gradient is written during
     this call (one read of the logits in all) and the backward only scales it when its
@@ -316,18 +370,21 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     if inplace_backward and logits.stride(-1) != 1:
         raise ValueError("logits: inplace_backward needs a contiguous last dimension; got stride "
                          f"{logits.stride(-1)}")
+    logit_scale, softcap = check_logit_transform(logit_scale, softcap)
     check_target_range(target, logits.shape[1], ignore_index)
     loss = CrossEntropyFunction.apply(logits, target, ignore_index, float(label_smoothing), float(z_loss),
-                                      inplace_backward, reduction)
+                                      inplace_backward, reduction, logit_scale, softcap)
     return loss.to(logits.dtype)
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, inplace_backward=False):
+    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, inplace_backward=False,
+                 softcap=None, logit_scale=1.0):
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.inplace_backward = label_smoothing, z_loss, inplace_backward
+        self.softcap, self.logit_scale = softcap, logit_scale
 
     def forward(self, logits, target):
         return cross_entropy(logits, target, self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
-                             self.inplace_backward)
+                             self.inplace_backward, self.softcap, self.logit_scale)

@@ -1,4 +1,5 @@
-"""Cross-entropy of hidden @ weight.T, its [N, V] logits never kept as logits.
+"""Cross-entropy of hidden @ weight.T (+ bias), its [N, V] logits never kept as logits,
+seen through cross_entropy's logit scale and soft cap.
 
 Two paths, chosen by the size of the logits against a memory budget:
 
@@ -19,14 +20,15 @@ free memory of the moment: the choice must be the same every step, for CUDA grap
 and compiled graphs alike) and 256 MiB elsewhere; memory_budget=0 forces chunks.
 """
 import functools
+from typing import Optional
 
 import torch
 
 from . import _launch
 from ._launch import check_device, check_float, check_same_dtype
 from .linear import accumulate_float32, check_working_copy, mm_float32
-from .cross_entropy import (check_loss_options, check_target_range, cross_entropy_grad_rows, cross_entropy_rows,
-                            reduce_loss)
+from .cross_entropy import (check_logit_transform, check_loss_options, check_target_range, cross_entropy_grad_rows,
+                            cross_entropy_rows, reduce_loss)
 
 
 def default_chunk_size(n, v, d):
@@ -52,9 +54,16 @@ def default_memory_budget(device):
     return 256 << 20
 
 
+def _logits(hidden, weight, bias):
+    """hidden @ weight.T (+ bias, in the same GEMM): the forward and the backward's
+    recomputation make the same call, so the same bits."""
+    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+
+
 @torch.library.custom_op("tinyfuse::linear_cross_entropy_forward", mutates_args=())
-def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                 ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
+def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                                 logit_scale: float, softcap: float, chunk_size: int,
                                  store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row float32 loss and logsumexp; with store_grad also the unit-weight gradient of
     the logits [N, V] (otherwise an empty [0, V] tensor)."""
@@ -62,81 +71,99 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if store_grad:
-        grad_logits = hidden @ weight.T
+        grad_logits = _logits(hidden, weight, bias)
         unit = torch.ones((), dtype=torch.float32, device=hidden.device)
-        cross_entropy_rows(grad_logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits, unit)
+        cross_entropy_rows(grad_logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits, unit,
+                           logit_scale, softcap)
         return loss, lse, grad_logits
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        logits = hidden[rows] @ weight.T
-        cross_entropy_rows(logits, target[rows], ignore_index, label_smoothing, z_loss, loss[rows], lse[rows])
+        cross_entropy_rows(_logits(hidden[rows], weight, bias), target[rows], ignore_index, label_smoothing, z_loss,
+                           loss[rows], lse[rows], logit_scale=logit_scale, softcap=softcap)
     return loss, lse, hidden.new_empty((0, v))
 
 
 @linear_cross_entropy_forward.register_fake
-def _(hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad):
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size,
+      store_grad):
     n, v = hidden.shape[0], weight.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
             hidden.new_empty((n if store_grad else 0, v)))
 
 
 @torch.library.custom_op("tinyfuse::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                  lse: torch.Tensor, grad_logits: torch.Tensor, grad_loss: torch.Tensor,
-                                  ignore_index: int, label_smoothing: float, z_loss: float,
-                                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of hidden (its dtype) and weight (float32) from the stored unit-weight
-    gradient (when grad_logits has rows) or by recomputing each chunk's logits."""
-    n = hidden.shape[0]
+def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  target: torch.Tensor, lse: torch.Tensor, grad_logits: torch.Tensor,
+                                  grad_loss: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                                  logit_scale: float, softcap: float,
+                                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden (its dtype), weight and bias (float32; bias's empty without one)
+    from the stored unit-weight gradient (when grad_logits has rows) or by recomputing
+    each chunk's logits. The bias's gradient is the column sums of the logits' gradient,
+    a product with a vector (of g, or of ones) so that it accumulates in float32 as the
+    weight's does."""
+    n, v = hidden.shape[0], weight.shape[0]
     if grad_logits.shape[0] == n and n > 0:
         # Ignored rows carry a zero gradient whatever the upstream value (inf for an all-ignored "mean").
         g = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
         grad_hidden = (mm_float32(grad_logits, weight) * g).to(hidden.dtype)
-        return grad_hidden, mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype))
+        grad_bias = mm_float32(grad_logits.T, g.to(hidden.dtype))[:, 0] if bias is not None else g.new_empty(0)
+        return grad_hidden, mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype)), grad_bias
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_bias = torch.zeros((v if bias is not None else 0, 1), dtype=torch.float32, device=weight.device)
+    ones = hidden.new_ones((min(chunk_size, n), 1)) if bias is not None else None
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        logits = hidden[rows] @ weight.T
+        logits = _logits(hidden[rows], weight, bias)
         cross_entropy_grad_rows(logits, target[rows], lse[rows], grad_loss[rows], ignore_index, label_smoothing,
-                                z_loss, logits)
+                                z_loss, logits, logit_scale, softcap)
         torch.mm(logits, weight, out=grad_hidden[rows])
         accumulate_float32(grad_weight, logits.T, hidden[rows])
-    return grad_hidden, grad_weight
+        if bias is not None:
+            accumulate_float32(grad_bias, logits.T, ones[: logits.shape[0]])
+    return grad_hidden, grad_weight, grad_bias[:, 0]
 
 
 @linear_cross_entropy_backward.register_fake
-def _(hidden, weight, target, lse, grad_logits, grad_loss, ignore_index, label_smoothing, z_loss, chunk_size):
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape, dtype=torch.float32)
+def _(hidden, weight, bias, target, lse, grad_logits, grad_loss, ignore_index, label_smoothing, z_loss, logit_scale,
+      softcap, chunk_size):
+    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape, dtype=torch.float32),
+            weight.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad,
-                working_weight):
+    def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap,
+                chunk_size, store_grad, working_weight):
         # Float32 master weights with half activations: the products run in hidden's dtype
         # (from the caller's working copy, else from one cast), and the weight's gradient
         # comes back from its float32 accumulation as it is (never rounded to half and
         # cast back).
         w = weight.to(hidden.dtype) if working_weight is None else working_weight
+        b = bias.to(hidden.dtype) if bias is not None else None
         loss, lse, grad_logits = torch.ops.tinyfuse.linear_cross_entropy_forward(
-            hidden, w, target, ignore_index, label_smoothing, z_loss, chunk_size, store_grad)
-        ctx.save_for_backward(hidden, w, target, lse, grad_logits)
-        ctx.options = ignore_index, label_smoothing, z_loss, chunk_size
-        ctx.weight_dtype = weight.dtype
+            hidden, w, b, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size, store_grad)
+        ctx.save_for_backward(hidden, w, b, target, lse, grad_logits)
+        ctx.options = ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, w, target, lse, grad_logits = ctx.saved_tensors
-        grad_hidden, grad_weight = torch.ops.tinyfuse.linear_cross_entropy_backward(
-            hidden, w, target, lse, grad_logits, grad_loss, *ctx.options)
-        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None
+        hidden, w, b, target, lse, grad_logits = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = torch.ops.tinyfuse.linear_cross_entropy_backward(
+            hidden, w, b, target, lse, grad_logits, grad_loss, *ctx.options)
+        grad_bias = grad_bias.to(ctx.bias_dtype) if b is not None else None
+        return (grad_hidden, grad_weight.to(ctx.weight_dtype), grad_bias, None, None, None, None, None, None, None,
+                None, None)
 
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         z_loss=0.0, chunk_size=None, memory_budget=None, working_weight=None):
-    """cross_entropy(hidden @ weight.T, target, ...) for hidden [N, D] and weight [V, D].
+                         z_loss=0.0, chunk_size=None, memory_budget=None, working_weight=None, softcap=None,
+                         logit_scale=1.0, bias=None):
+    """cross_entropy(hidden @ weight.T + bias, target, ..., softcap, logit_scale) for hidden
+    [N, D], weight [V, D] and an optional bias [V] (its gradient accumulated in float32).
 
     When a gradient is wanted and the [N, V] gradient fits memory_budget bytes (None:
     1/8 of a CUDA device's memory, 256 MiB elsewhere), it is formed in the forward and
@@ -159,6 +186,12 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
         raise ValueError(f"weight: expected shape (V, {hidden.shape[1]}) to match hidden's D; "
                          f"got {tuple(weight.shape)}")
     check_loss_options(target, hidden.shape[0], ignore_index, reduction, label_smoothing, z_loss, weight.shape[0])
+    logit_scale, softcap = check_logit_transform(logit_scale, softcap)
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), one a class; got {tuple(bias.shape)}")
+        check_device(hidden=hidden, bias=bias)
     check_device(hidden=hidden, weight=weight, target=target)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -170,22 +203,25 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
         memory_budget = default_memory_budget(hidden.device)
     elif not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget: expected bytes as an int >= 0 or None; got {memory_budget!r}")
-    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
+                                              (bias is not None and bias.requires_grad))
     store_grad = wants_grad and n * v * hidden.element_size() <= memory_budget
     check_target_range(target, v, ignore_index)
-    loss = LinearCrossEntropyFunction.apply(hidden, weight, target, ignore_index, float(label_smoothing),
-                                            float(z_loss), chunk_size, store_grad, working_weight)
+    loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, target, ignore_index, float(label_smoothing),
+                                            float(z_loss), logit_scale, softcap, chunk_size, store_grad,
+                                            working_weight)
     return reduce_loss(loss, target, ignore_index, reduction).to(hidden.dtype)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, chunk_size=None,
-                 memory_budget=None):
+                 memory_budget=None, softcap=None, logit_scale=1.0):
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.chunk_size = label_smoothing, z_loss, chunk_size
-        self.memory_budget = memory_budget
+        self.memory_budget, self.softcap, self.logit_scale = memory_budget, softcap, logit_scale
 
-    def forward(self, hidden, weight, target):
+    def forward(self, hidden, weight, target, bias=None):
         return linear_cross_entropy(hidden, weight, target, self.ignore_index, self.reduction, self.label_smoothing,
-                                    self.z_loss, self.chunk_size, self.memory_budget)
+                                    self.z_loss, self.chunk_size, self.memory_budget, softcap=self.softcap,
+                                    logit_scale=self.logit_scale, bias=bias)

@@ -71,11 +71,16 @@ def _check_targets(target, vocab, ignore_index):
         raise IndexError(f"target: values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {value}")
 
 
-def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """torch.nn.functional.cross_entropy plus PaLM's z-loss, z_loss * logsumexp(logits)**2 per token."""
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                  inplace_backward=False, softcap=None, logit_scale=1.0):
+    """torch.nn.functional.cross_entropy plus PaLM's z-loss, z_loss * logsumexp(logits)**2 per
+    token, of logits * logit_scale soft-capped to softcap * tanh(. / softcap) when softcap is
+    given. inplace_backward is accepted for signature parity."""
     check_float("logits", logits, (torch.float64, torch.float32, torch.bfloat16, torch.float16))
     _check_targets(target, logits.shape[-1], ignore_index)
-    x = logits.to(_compute_dtype(logits))
+    x = logits.to(_compute_dtype(logits)) * logit_scale
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
     valid = target != ignore_index
     lse = torch.logsumexp(x, dim=-1)
     target_logit = x.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
@@ -89,7 +94,8 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
 
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         z_loss=0.0, chunk_size=None, memory_budget=None, working_weight=None):
+                         z_loss=0.0, chunk_size=None, memory_budget=None, working_weight=None, softcap=None,
+                         logit_scale=1.0, bias=None):
     """The materialised path: full [N, V] logits, in hidden's dtype (a float32 weight is
     cast, as the fused op does, or read from working_weight, its copy in hidden's dtype).
     chunk_size and memory_budget are accepted for signature parity."""
@@ -98,4 +104,7 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     else:
         check_working_copy(working_weight, weight, hidden.dtype)
         logits = linear(hidden, weight, working_weight)
-    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)
+    if bias is not None:
+        logits = logits + bias.to(hidden.dtype)
+    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap=softcap,
+                         logit_scale=logit_scale)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from tinyfuse.bench import kernels, report, suite
 
-OPS = ["rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy"]
+OPS = ["rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "cross_entropy", "softcap_cross_entropy",
+       "linear_cross_entropy"]
+UNSWEPT = ("gemma_rms_norm", "softcap_cross_entropy")  # variants of another op: at the presets' shapes only
 
 
 def bench(*args, timeout=600):
@@ -38,10 +40,10 @@ def test_smoke_suite_writes_every_output(smoke):
             found = {r["impl"] for r in rows if r["op"] == op and r["pass"] == p}
             assert found == impls, (op, p, found)
         groups = {r["group"] for r in rows if r["op"] == op}
-        assert groups == ({"stories260K"} if op == "gemma_rms_norm" else {"stories260K", "sweep"})  # presets only
+        assert groups == ({"stories260K"} if op in UNSWEPT else {"stories260K", "sweep"})
     # cross_entropy's backward has nothing to time alone: its gradient is formed in the forward
     untimed = [r for r in rows if r.get("note")]
-    assert {(r["op"], r["pass"]) for r in untimed} == {("cross_entropy", "bwd")}
+    assert {(r["op"], r["pass"]) for r in untimed} == {("cross_entropy", "bwd"), ("softcap_cross_entropy", "bwd")}
     assert all("ms" not in r for r in untimed)
     rows = [r for r in rows if not r.get("note")]
     for r in rows:
@@ -72,10 +74,9 @@ def test_smoke_suite_writes_every_output(smoke):
     for heading in ("## Kernels", "## Training step", "## Loader", "| linear_cross_entropy |", "smoke"):
         assert heading in md
     assert "## Kernels" in stdout
-    swept = [op for op in OPS if op != "gemma_rms_norm"]  # a plot is of the sweep, which that op is not run over
-    for name in [f"kernels_{op}.png" for op in swept] + ["step.png"]:
+    for name in [f"kernels_{op}.png" for op in OPS if op not in UNSWEPT] + ["step.png"]:  # plots of the sweep
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert not (out / "kernels_gemma_rms_norm.png").exists()
+    assert not any((out / f"kernels_{op}.png").exists() for op in UNSWEPT)
 
 
 def test_compare_names_changes_beyond_noise(smoke, tmp_path):
@@ -121,7 +122,7 @@ def test_forward_byte_model_counts_inputs_and_outputs(op):
         read = sum(a.numel() for a in args if isinstance(a, torch.Tensor) and a.requires_grad and a.dim() > 1)
         out = module.impls(op, "eager")["torch"](*args)
         written = sum(o.numel() for o in (out if isinstance(out, tuple) else (out,)) if o.dim() > 0)
-        gradient = read if op == "cross_entropy" else 0
+        gradient = read if op in ("cross_entropy", "softcap_cross_entropy") else 0
         assert case.bytes["fwd"] == read + written + gradient, (op, case.shape)
 
 

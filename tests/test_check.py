@@ -102,6 +102,7 @@ def test_against_a_plain_pytorch_function_passes_and_a_planted_one_fails(tmp_pat
     done = run_cli("check", "--ops", "rms_norm", "--against", "mine:rms_norm", *device, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "6 cases of mine:rms_norm" in done.stdout and "6 of 6 cases passed" in done.stdout
+    assert "skip rms_norm[offset=1]: mine:rms_norm takes no offset" in done.stdout  # the plain op only
     done = run_cli("check", "--ops", "rms_norm", "--dtypes", "fp32", "--against", f"{tmp_path}/mine.py:off", *device)
     assert done.returncode == 1
     fails = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
@@ -168,3 +169,19 @@ def test_bf16_outputs_round_to_nearest_even_as_on_the_gpu():
     assert torch.equal(y[~y.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
     (result,) = kernel_check.run(kernel_check.cases(["swiglu"], [torch.bfloat16])[:1], DEVICE, 0)
     assert result.errors["y"] < 2.0 ** -9  # truncation gave ~3.3e-3 (rounding: ~1.7e-3)
+
+
+@pytest.mark.parametrize("label,option", [("rms_norm[offset=1]", "offset"),
+                                          ("cross_entropy[mean,softcap=5,logit_scale=0.5]", "softcap"),
+                                          ("cross_entropy[mean,softcap=5,logit_scale=0.5]", "logit_scale"),
+                                          ("linear_cross_entropy[stored,bias,softcap=5,logit_scale=0.5]", "bias")])
+def test_an_implementation_that_ignores_an_option_fails(label, option):
+    """The variants' options change the result enough to be caught: the reference without one fails."""
+    case = next(c for c in kernel_check.cases(dtypes=[torch.float32]) if c.op.label == label)
+
+    def ignores(*args, **options):
+        options.pop(option)
+        return case.op.reference(*args, **options)
+
+    (result,) = kernel_check.run([case], DEVICE, 0, impl=ignores)
+    assert not result.ok and (" error " in result.line() or "no gradient" in result.line()), result.line()

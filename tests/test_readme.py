@@ -130,7 +130,7 @@ def test_readme_commands_run(tmp_path, shared_data):
     result = json.loads(outputs["tinyfuse eval --checkpoint stories260K.bin --tokenizer tok512.model --data "
                                 "tinystories_val_1k.txt --json"])
     assert result["stories"] == 20 and 0.5 < result["loss"] < 3
-    assert "1 of 1 cases passed" in outputs["tinyfuse check --ops rms_norm --dtypes bf16 --shapes 64,4096 --seed 1"]
+    assert "2 of 2 cases passed" in outputs["tinyfuse check --ops rms_norm --dtypes bf16 --shapes 64,4096 --seed 1"]
     assert "6 cases of mykernels:rms_norm" in outputs["tinyfuse check --ops rms_norm --against mykernels:rms_norm"]
     assert (tmp_path / "ft.bin").stat().st_size > 0 and (tmp_path / "ft-hf" / "config.json").is_file()
     assert oct((tmp_path / "ft-hf" / "model.safetensors").stat().st_mode & 0o777) == \

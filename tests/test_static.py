@@ -19,7 +19,7 @@ from tinyfuse.engine.model import preset
 # RMSNorm backward's float32 partial rows are the tightest (2048 x 32768: 1.045, from 69
 # programs; 1.086 with one an SM).
 MAX_RATIO = {"rms_norm": 1.05, "add_rms_norm": 1.05, "gemma_rms_norm": 1.05, "rope": 1.05, "swiglu": 1.05,
-             "cross_entropy": 1.05}
+             "cross_entropy": 1.05, "softcap_cross_entropy": 1.05}
 
 
 # Memory-bound kernels must use 16-byte global accesses where rows are 16-byte aligned (rope
@@ -43,12 +43,14 @@ def test_every_kernel_and_preset_is_reported(report):
     result, stdout = report
     assert result["arch"] == [90]
     rows = result["kernels"]
-    ops = {"rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy"}
+    ops = {"rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "cross_entropy", "softcap_cross_entropy",
+           "linear_cross_entropy"}
     assert {r["op"] for r in rows} == ops
     for op in ops:
         groups = {r["group"] for r in rows if r["op"] == op}
         presets = {"stories260K", "stories15M", "stories42M", "stories110M"}
-        assert groups == (presets if op == "gemma_rms_norm" else presets | {"sweep"}), (op, groups)
+        swept = op not in ("gemma_rms_norm", "softcap_cross_entropy")  # variants: at the presets only
+        assert groups == (presets | {"sweep"} if swept else presets), (op, groups)
         assert {r["pass"] for r in rows if r["op"] == op} == {"fwd", "bwd", "fwd+bwd"}
     for r in rows:
         if (r["op"], r["pass"]) == ("linear_cross_entropy", "bwd"):  # the stored gradient: two matmuls, no kernel
@@ -118,7 +120,7 @@ def test_cross_entropy_reads_logits_16_bytes_wide(report):
     """Its one 2-byte load a row is the target's logit; the rows themselves go 16 bytes wide
     at every vocabulary (512 included: fewer warps there)."""
     for r in report[0]["kernels"]:
-        if r["op"] in ("cross_entropy", "linear_cross_entropy"):
+        if r["op"] in ("cross_entropy", "softcap_cross_entropy", "linear_cross_entropy"):
             for launch in r["launches"]:
                 if launch["kernel"] == "_cross_entropy_forward_kernel":
                     found = launch["global"]
@@ -132,7 +134,7 @@ def test_bytes_moved_against_the_minimum(report):
             if r["ratio"] is not None and r["ratio"] > MAX_RATIO[r["op"]]]
     assert not over, over
     # cross_entropy's backward at a unit upstream gradient: the rescaling kernel, moving nothing
-    ce_bwd = [r for r in rows if r["op"] == "cross_entropy" and r["pass"] == "bwd"]
+    ce_bwd = [r for r in rows if r["op"] in ("cross_entropy", "softcap_cross_entropy") and r["pass"] == "bwd"]
     assert ce_bwd and all(r["min_bytes"] == 0 and r["bytes"] < 1e-3 * r["shape"][0] * r["shape"][1] for r in ce_bwd)
 
 
