@@ -487,7 +487,7 @@ def build_parser():
                    help="the whole suite at tiny sizes (on CPU: Triton's interpreter), to check it end to end")
     p.add_argument("--only", nargs="+", choices=["kernels", "step", "loader"], help="these sections only")
     p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, "
-                                                        "gemma_rms_norm, rope, swiglu, cross_entropy, "
+                                                        "gemma_rms_norm, rope, swiglu, geglu, cross_entropy, "
                                                         "softcap_cross_entropy, linear_cross_entropy)")
     from .model import PRESETS as _presets
     from tinyfuse.bench.step import ROW_NAMES
@@ -516,7 +516,7 @@ def build_parser():
                                    "NaN-poisoned memory, and each op's first case also runs under "
                                    "torch.compile(fullgraph=True). Exit 1 when any case fails.")
     p.add_argument("--ops", nargs="+", metavar="OP", help="these ops only (rms_norm, add_rms_norm, rope, rope_qkv, "
-                                                        "swiglu, cross_entropy, linear_cross_entropy)")
+                                                        "swiglu, geglu, cross_entropy, linear_cross_entropy)")
     p.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated (default: bf16,fp16,fp32)")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
                    help="preset (each model preset's sizes at 8,192 tokens; the default on CUDA), small (the "

@@ -59,6 +59,13 @@ def swiglu(gate, up=None):
     return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 
 
+def geglu(gate, up=None):
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    ct = _compute_dtype(gate)
+    return (torch.nn.functional.gelu(gate.to(ct), approximate="tanh") * up.to(ct)).to(gate.dtype)
+
+
 def _check_targets(target, vocab, ignore_index):
     """A clear error for out-of-range targets in eager mode (one host sync). Under
     torch.compile or a CUDA graph capture it is skipped, so the loss stays one graph; the

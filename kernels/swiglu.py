@@ -1,4 +1,5 @@
-"""SwiGLU: silu(gate) * up, the gated MLP activation of Llama.
+"""SwiGLU, silu(gate) * up (Llama's gated MLP), and GeGLU, gelu_tanh(gate) * up (Gemma's):
+one set of kernels, the activation a compile-time choice.
 
 Forward reads gate and up once and writes y; backward reads dy, gate and up
 once and writes both gradients, recomputing the sigmoid instead of storing it.
@@ -14,21 +15,37 @@ import triton.language as tl
 from ._launch import as_rows, check_device, check_float, check_same_dtype, rows_per_program
 
 
+# GELU's tanh form through a sigmoid: 0.5 (1 + tanh(a)) = sigmoid(2a), a = sqrt(2/pi) (g + 0.044715 g^3)
+_GELU_2K = tl.constexpr(1.5957691216057308)  # 2 sqrt(2/pi)
+_GELU_C = tl.constexpr(0.044715)
+
+
 @triton.jit
-def _swiglu_forward_kernel(G, U, Y, M, N, stride_g, stride_u, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gate_sigmoid(g, GELU: tl.constexpr):
+    """s with act(g) = g * s: sigmoid(g) for SiLU, sigmoid(2a) for GELU's tanh form."""
+    if GELU:
+        s = tl.sigmoid(_GELU_2K * (g + _GELU_C * g * g * g))
+    else:
+        s = tl.sigmoid(g)
+    return s
+
+
+@triton.jit
+def _swiglu_forward_kernel(G, U, Y, M, N, stride_g, stride_u, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           GELU: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
+    y = g * _gate_sigmoid(g, GELU) * u
     tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_u, stride_dgu,
-                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GELU: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -36,100 +53,110 @@ def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_
     dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    silu = g * s
-    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    s = _gate_sigmoid(g, GELU)
+    silu = g * s  # act(g), SiLU's or GELU's
+    if GELU:  # act' = s + g s (1 - s) 2a'
+        dg = dy * u * (s + silu * (1.0 - s) * _GELU_2K * (1.0 + 3.0 * _GELU_C * g * g))
+    else:
+        dg = dy * u * s * (1.0 + g * (1.0 - s))
     du = dy * silu
     tl.store(DG + rows64 * stride_dgu + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + rows64 * stride_dgu + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _launch_tiles(kernel, args, m, n, key):
+def _launch_tiles(kernel, args, m, n, key, gelu):
     """Launch kernel over [m, n] in tiles of ROWS x BLOCK_N (at most 2048 values a program:
     an elementwise op needs no whole row)."""
     block_n = min(triton.next_power_of_2(n), 2048)
     columns = triton.cdiv(n, block_n)
-    rows, warps = rows_per_program(kernel, args, dict(BLOCK_N=block_n), args[0].device, (*key, block_n), m, block_n,
-                                   columns=columns, target_elements=2048)
-    kernel[(triton.cdiv(m, rows), columns)](*args, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+    rows, warps = rows_per_program(kernel, args, dict(BLOCK_N=block_n, GELU=gelu), args[0].device,
+                                   (*key, block_n, gelu), m, block_n, columns=columns, target_elements=2048)
+    kernel[(triton.cdiv(m, rows), columns)](*args, ROWS=rows, BLOCK_N=block_n, GELU=gelu, num_warps=warps)
+
+
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @torch.library.custom_op("tinyfuse::swiglu_forward", mutates_args=())
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     g2, u2 = as_rows(gate), as_rows(up)
     m, n = g2.shape
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if y.numel() > 0:
         _launch_tiles(_swiglu_forward_kernel, [g2, u2, y, m, n, g2.stride(0), u2.stride(0)], m, n,
-                      ("swiglu_forward", gate.dtype))
+                      ("swiglu_forward", gate.dtype), activation == "gelu_tanh")
     return y.view(gate.shape)
 
 
 @swiglu_forward.register_fake
-def _(gate, up):
+def _(gate, up, activation):
     return gate.new_empty(gate.shape)
 
 
-def _backward(dy, gate, up, dg, du):
+def _backward(dy, gate, up, dg, du, activation):
     """Launch the backward on row views; dg and du share one row stride (two tensors, or the halves of one)."""
     dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     m, n = g2.shape
     if m * n > 0:
         args = [dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0)]
-        _launch_tiles(_swiglu_backward_kernel, args, m, n, ("swiglu_backward", gate.dtype, dg.stride(0) == n))
+        _launch_tiles(_swiglu_backward_kernel, args, m, n, ("swiglu_backward", gate.dtype, dg.stride(0) == n),
+                      activation == "gelu_tanh")
 
 
 @torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = gate.shape[-1]
     dg = torch.empty((gate.numel() // max(n, 1), n), dtype=gate.dtype, device=gate.device)
     du = torch.empty_like(dg)
-    _backward(dy, gate, up, dg, du)
+    _backward(dy, gate, up, dg, du, activation)
     return dg.view(gate.shape), du.view(up.shape)
 
 
 @swiglu_backward.register_fake
-def _(dy, gate, up):
+def _(dy, gate, up, activation):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 @torch.library.custom_op("tinyfuse::swiglu_packed_backward", mutates_args=())
-def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """The gradient of swiglu(gate_up) as one tensor shaped like gate_up ([..., 2H])."""
     n = gate_up.shape[-1] // 2
     dgu = torch.empty((gate_up.numel() // max(2 * n, 1), 2 * n), dtype=gate_up.dtype, device=gate_up.device)
-    _backward(dy, gate_up[..., :n], gate_up[..., n:], dgu, dgu[:, n:])
+    _backward(dy, gate_up[..., :n], gate_up[..., n:], dgu, dgu[:, n:], activation)
     return dgu.view(gate_up.shape)
 
 
 @swiglu_packed_backward.register_fake
-def _(dy, gate_up):
+def _(dy, gate_up, activation):
     return gate_up.new_empty(gate_up.shape)
 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, activation):
         ctx.save_for_backward(gate, up)
-        return torch.ops.tinyfuse.swiglu_forward(gate, up)
+        ctx.activation = activation
+        return torch.ops.tinyfuse.swiglu_forward(gate, up, activation)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        return torch.ops.tinyfuse.swiglu_backward(dy, gate, up)
+        return (*torch.ops.tinyfuse.swiglu_backward(dy, gate, up, ctx.activation), None)
 
 
 class SwiGLUPackedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up):
+    def forward(ctx, gate_up, activation):
         ctx.save_for_backward(gate_up)
+        ctx.activation = activation
         gate, up = gate_up.chunk(2, dim=-1)
-        return torch.ops.tinyfuse.swiglu_forward(gate, up)
+        return torch.ops.tinyfuse.swiglu_forward(gate, up, activation)
 
     @staticmethod
     def backward(ctx, dy):
         gate_up, = ctx.saved_tensors
-        return torch.ops.tinyfuse.swiglu_packed_backward(dy, gate_up)
+        return torch.ops.tinyfuse.swiglu_packed_backward(dy, gate_up, ctx.activation), None
 
 
 def swiglu(gate, up=None):
@@ -139,6 +166,16 @@ def swiglu(gate, up=None):
     up along its last dimension; the result is [..., H] and the gradient comes back
     as one [..., 2H] tensor.
     """
+    return _gated(gate, up, "silu")
+
+
+def geglu(gate, up=None):
+    """gelu(gate, approximate="tanh") * up (Gemma's MLP), as swiglu in all else: the same
+    kernels, the activation chosen when they are compiled."""
+    return _gated(gate, up, "gelu_tanh")
+
+
+def _gated(gate, up, activation):
     check_float("gate", gate)
     if gate.dim() == 0:
         raise ValueError("gate: expected at least one dimension; got a scalar")
@@ -147,13 +184,13 @@ def swiglu(gate, up=None):
             raise ValueError(f"gate: with up=None the last dim holds [gate | up] and must be even; "
                              f"got {gate.shape[-1]}")
         check_device(gate=gate)
-        return SwiGLUPackedFunction.apply(gate)
+        return SwiGLUPackedFunction.apply(gate, activation)
     check_float("up", up)
     check_same_dtype(gate=gate, up=up)
     if gate.shape != up.shape:
         raise ValueError(f"up: expected the shape of gate {tuple(gate.shape)}; got {tuple(up.shape)}")
     check_device(gate=gate, up=up)
-    return SwiGLUFunction.apply(gate, up)
+    return SwiGLUFunction.apply(gate, up, activation)
 
 
 class SwiGLU(torch.nn.Module):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from tinyfuse.bench import kernels, report, suite
 
-OPS = ["rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "cross_entropy", "softcap_cross_entropy",
-       "linear_cross_entropy"]
-UNSWEPT = ("gemma_rms_norm", "softcap_cross_entropy")  # variants of another op: at the presets' shapes only
+OPS = ["rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "geglu", "cross_entropy",
+       "softcap_cross_entropy", "linear_cross_entropy"]
+UNSWEPT = ("gemma_rms_norm", "geglu", "softcap_cross_entropy")  # variants of another op: at the presets' shapes only
 
 
 def bench(*args, timeout=600):

@@ -19,12 +19,12 @@ from tinyfuse.engine.model import preset
 # RMSNorm backward's float32 partial rows are the tightest (2048 x 32768: 1.045, from 69
 # programs; 1.086 with one an SM).
 MAX_RATIO = {"rms_norm": 1.05, "add_rms_norm": 1.05, "gemma_rms_norm": 1.05, "rope": 1.05, "swiglu": 1.05,
-             "cross_entropy": 1.05, "softcap_cross_entropy": 1.05}
+             "geglu": 1.05, "cross_entropy": 1.05, "softcap_cross_entropy": 1.05}
 
 
 # Memory-bound kernels must use 16-byte global accesses where rows are 16-byte aligned (rope
 # reads whole head rows and splits the pairs in registers; its float32 tables may be narrower).
-VECTOR_OPS = ("rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu")
+VECTOR_OPS = ("rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "geglu")
 # Not memory-bound: sums the partials (read 16 bytes wide) and writes N values once.
 NOT_STREAMING = ("_rms_norm_weight_grad_kernel",)
 
@@ -43,13 +43,13 @@ def test_every_kernel_and_preset_is_reported(report):
     result, stdout = report
     assert result["arch"] == [90]
     rows = result["kernels"]
-    ops = {"rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "cross_entropy", "softcap_cross_entropy",
-           "linear_cross_entropy"}
+    ops = {"rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "geglu", "cross_entropy",
+           "softcap_cross_entropy", "linear_cross_entropy"}
     assert {r["op"] for r in rows} == ops
     for op in ops:
         groups = {r["group"] for r in rows if r["op"] == op}
         presets = {"stories260K", "stories15M", "stories42M", "stories110M"}
-        swept = op not in ("gemma_rms_norm", "softcap_cross_entropy")  # variants: at the presets only
+        swept = op not in ("gemma_rms_norm", "geglu", "softcap_cross_entropy")  # variants: at the presets only
         assert groups == (presets | {"sweep"} if swept else presets), (op, groups)
         assert {r["pass"] for r in rows if r["op"] == op} == {"fwd", "bwd", "fwd+bwd"}
     for r in rows:
