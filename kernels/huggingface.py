@@ -1,4 +1,5 @@
-"""patch_transformers: tinyfuse's kernels inside a Hugging Face Llama, Mistral, Qwen2 or Qwen3 model.
+"""patch_transformers: tinyfuse's kernels inside a Hugging Face Llama, Mistral, Qwen2, Qwen3 or
+Granite model.
 
 What each part replaces, and where it hooks in. Every hook is one that transformers
 itself calls at run time; none rebuilds or reads Hugging Face's source, so a release
@@ -27,7 +28,9 @@ that wraps a forward in a decorator (5.24's `deprecate_kwarg`) or renames a keyw
   instance's `forward` runs the base model with the caller's own arguments and
   linear_cross_entropy on its last hidden states and the head's weight, never holding
   the [N, V] logits; labels shifted (or `shift_labels`), ignore_index -100 and
-  num_items_in_batch ("sum" divided by it) as in Hugging Face's ForCausalLMLoss. Every
+  num_items_in_batch ("sum" divided by it) as in Hugging Face's ForCausalLMLoss; Granite's
+  logits_scaling divides the logits inside the fused loss (its logit_scale). Granite's
+  embedding, residual and attention multipliers are in code this leaves alone. Every
   other call (no labels, skip_logits=False, logits wanted) is the class's forward as it
   is. Hugging Face's `loss_type` lookup is not the hook: it receives the logits already
   formed, which is the cost this part removes.
@@ -64,7 +67,7 @@ from .rope import rope
 from .swiglu import swiglu
 
 # model_type -> the class-name prefix in transformers.models.<type>.modeling_<type>
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "granite": "Granite"}
 PARTS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
 _IGNORE_INDEX = -100
 
@@ -145,8 +148,8 @@ def _mlp_forward(self, x):
 
 
 def _causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, ignore_index=_IGNORE_INDEX,
-                    shift_labels=None, **_):
-    """Hugging Face's ForCausalLMLoss on hidden @ weight.T, without the logits."""
+                    shift_labels=None, logit_scale=1.0, **_):
+    """Hugging Face's ForCausalLMLoss on (hidden @ weight.T) * logit_scale, without the logits."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -158,8 +161,10 @@ def _causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, ignore_inde
         hidden = hidden.to(weight.dtype)
     target = shift_labels.reshape(-1).to(hidden.device)
     if num_items_in_batch is None:
-        return linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction="mean")
-    loss = linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction="sum")
+        return linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction="mean",
+                                    logit_scale=logit_scale)
+    loss = linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction="sum",
+                                logit_scale=logit_scale)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
@@ -185,7 +190,8 @@ def _causal_lm_forward(self, *args, labels=None, skip_logits=None, **kwargs):
     return_dict = kwargs.pop("return_dict", None)
     kwargs.pop("logits_to_keep", None)
     outputs = self.model(*args, **kwargs)
-    loss = _causal_lm_loss(outputs[0], self.lm_head.weight, labels, **kwargs)
+    logit_scale = 1.0 / getattr(self.config, "logits_scaling", 1.0)  # Granite divides its logits by it
+    loss = _causal_lm_loss(outputs[0], self.lm_head.weight, labels, logit_scale=logit_scale, **kwargs)
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
                                  hidden_states=getattr(outputs, "hidden_states", None),
                                  attentions=getattr(outputs, "attentions", None))
@@ -284,7 +290,7 @@ def _apply(module, part, forward):
 
 
 def patch_transformers(model=None, *, rms_norm=None, rope=None, swiglu=None, linear_cross_entropy=None):
-    """Run a Hugging Face Llama, Mistral, Qwen2 or Qwen3 model on tinyfuse's kernels.
+    """Run a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Granite model on tinyfuse's kernels.
 
     Each part is None (default: wherever it fits, with a warning where it does not),
     True (required: raise if it does not fit) or False (left out). With a model

@@ -6,7 +6,8 @@ in float32: the tolerance is the kernels' float32 bound (1e-5 relative-norm
 error), since the math is the same up to float32 rounding. The MLP width (24) is
 below the rows of a training batch (2 x 14) and above those of a decoding step,
 so both of the patched MLP's paths run. Qwen2 gets untied embeddings and q/k/v
-biases, the others tied embeddings; Qwen3 brings its q/k RMSNorms.
+biases, the others tied embeddings; Qwen3 brings its q/k RMSNorms; Granite its embedding,
+residual, attention and logit multipliers.
 """
 import copy
 import os
@@ -32,6 +33,10 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": True}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True}),
+    # every multiplier away from 1, so that one applied twice or not at all shows
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"tie_word_embeddings": True, "logits_scaling": 4.0,
+                                                        "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                                        "attention_multiplier": 0.2}),
 }
 B, T, V = 2, 14, 96
 
@@ -206,7 +211,7 @@ def test_unsupported_model_is_refused_untouched():
                                       bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
     forwards = [m.forward for m in model.modules()]
-    with pytest.raises(TypeError, match=r"supported model families are Llama, Mistral, Qwen2, Qwen3; "
+    with pytest.raises(TypeError, match=r"supported model families are Llama, Mistral, Qwen2, Qwen3, Granite; "
                                         r"got GPT2LMHeadModel \(model_type 'gpt2'\)"):
         patch_transformers(model)
     assert [m.forward for m in model.modules()] == forwards
