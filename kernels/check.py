@@ -13,6 +13,7 @@ torch.compile(fullgraph=True) must agree with eager.
 Any function with an op's signature can stand in for tinyfuse's (`impl`, or `tinyfuse
 check --against MODULE:FUNCTION`): the reference suite as a tool for other kernel authors.
 """
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -203,16 +204,16 @@ def _make_linear_cross_entropy(chunked, bias=False):
     return make
 
 
-DESCRIBE = {
+DESCRIBE = {  # by op name; geglu takes swiglu's
     "rms_norm": lambda s: f"{s.tokens}x{s.dim}",
     "add_rms_norm": lambda s: f"{s.batch}x{s.seq}x{s.dim}",
     "rope": lambda s: f"{s.batch}x{s.seq}x{s.heads}/{s.kv_heads}x{s.head_dim}",
     "rope_qkv": lambda s: f"{s.batch}x{s.seq}x({s.heads}+2x{s.kv_heads})x{s.head_dim}",
     "swiglu": lambda s: f"{s.tokens}x{s.hidden}",
-    "geglu": lambda s: f"{s.tokens}x{s.hidden}",
     "cross_entropy": lambda s: f"{s.tokens}x{s.vocab}",
     "linear_cross_entropy": lambda s: f"{s.tokens}x{s.dim}->{s.vocab}",
 }
+DESCRIBE["geglu"] = DESCRIBE["swiglu"]
 
 _LOSS = dict(label_smoothing=0.1, z_loss=1e-4)
 OPS = (
@@ -438,22 +439,22 @@ def _check_compiled(op, fn, args, options, upstream, eager, backend, tol, failur
     return worst
 
 
-class poisoned:
+@contextlib.contextmanager
+def poisoned():
     """torch.empty hands out NaN-filled memory (and algorithms are deterministic, which
     that fill needs) inside this context; restored after."""
-
-    def __enter__(self):
-        # cuBLAS refuses deterministic mode unless its workspace is fixed; it reads this
-        # when its first handle is made.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        deterministic = torch.utils.deterministic
-        self.previous = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-
-    def __exit__(self, *exc):
-        torch.use_deterministic_algorithms(self.previous[0])
-        torch.utils.deterministic.fill_uninitialized_memory = self.previous[1]
+    # cuBLAS refuses deterministic mode unless its workspace is fixed; it reads this when
+    # its first handle is made.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    deterministic = torch.utils.deterministic
+    previous = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        deterministic.fill_uninitialized_memory = previous[1]
 
 
 def compile_backend(device):

@@ -49,17 +49,6 @@ def _logit(x, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _logit_slope(t, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
-    """d logit / d x from the logit t = _logit(x): LOGIT_SCALE * (1 - (t / SOFTCAP)^2)."""
-    if SOFTCAP > 0.0:
-        u = t / SOFTCAP
-        slope = (1.0 - u * u) * LOGIT_SCALE
-    else:
-        slope = tl.full(t.shape, LOGIT_SCALE, tl.float32)
-    return slope
-
-
-@triton.jit
 def _store_grad_row(x_row, dx_row, target, lse, upstream, ignore_index, V, label_smoothing, z_loss,
                     BLOCK_V: tl.constexpr, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One row's gradient times upstream into dx_row: softmax (times the z-loss factor) less
@@ -74,8 +63,12 @@ def _store_grad_row(x_row, dx_row, target, lse, upstream, ignore_index, V, label
         mask = cols < V
         x = _logit(tl.load(x_row + cols, mask=mask, other=0.0), LOGIT_SCALE, SOFTCAP)
         grad = tl.exp(x - lse) * p_scale - label_smoothing / V - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
-        if LOGIT_SCALE != 1.0 or SOFTCAP > 0.0:
-            grad = grad * _logit_slope(x, LOGIT_SCALE, SOFTCAP)
+        # times d logit / d x = LOGIT_SCALE * (1 - (logit / SOFTCAP)^2), each factor only where asked for
+        if SOFTCAP > 0.0:
+            u = x / SOFTCAP
+            grad = grad * (1.0 - u * u)
+        if LOGIT_SCALE != 1.0:
+            grad = grad * LOGIT_SCALE
         tl.store(dx_row + cols, (grad * scale).to(dx_row.dtype.element_ty), mask=mask)
 
 

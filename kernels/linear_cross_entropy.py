@@ -191,8 +191,7 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
         check_float("bias", bias)
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), one a class; got {tuple(bias.shape)}")
-        check_device(hidden=hidden, bias=bias)
-    check_device(hidden=hidden, weight=weight, target=target)
+    check_device(hidden=hidden, weight=weight, target=target, **({"bias": bias} if bias is not None else {}))
     n, d = hidden.shape
     v = weight.shape[0]
     if chunk_size is None:

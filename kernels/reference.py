@@ -52,18 +52,20 @@ def rope_qkv(qkv, cos, sin, n_heads, n_kv_heads, interleaved=True):
     return q, k, v.view(B, T, n_kv_heads, D)
 
 
-def swiglu(gate, up=None):
+def _gated(gate, up, activation):
+    """activation(gate) * up; up None: gate holds [gate | up] along its last dimension."""
     if up is None:
         gate, up = gate.chunk(2, dim=-1)
     ct = _compute_dtype(gate)
-    return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+    return (activation(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+def swiglu(gate, up=None):
+    return _gated(gate, up, torch.nn.functional.silu)
 
 
 def geglu(gate, up=None):
-    if up is None:
-        gate, up = gate.chunk(2, dim=-1)
-    ct = _compute_dtype(gate)
-    return (torch.nn.functional.gelu(gate.to(ct), approximate="tanh") * up.to(ct)).to(gate.dtype)
+    return _gated(gate, up, lambda g: torch.nn.functional.gelu(g, approximate="tanh"))
 
 
 def _check_targets(target, vocab, ignore_index):
