@@ -1,39 +1,65 @@
-"""patch_transformers: tinyfuse's kernels inside a Hugging Face Llama, Mistral, Qwen2, Qwen3 or
-Granite model.
+"""patch_transformers: tinyfuse's kernels inside a Hugging Face causal LM of eleven families.
+
+What each family gets (FAMILIES below holds the differences as data):
+
+| family (model_type)      | on tinyfuse                                   | left to Hugging Face's code            |
+|--------------------------|-----------------------------------------------|----------------------------------------|
+| Llama, Mistral, Qwen2    | norms, RoPE, SwiGLU MLP, loss                 | attention, embedding                   |
+| Qwen3                    | as Llama, with the q/k norms                  | attention, embedding                   |
+| Granite                  | as Llama; logits_scaling inside the loss      | embedding, residual and attention      |
+|                          |                                               | multipliers                            |
+| Gemma                    | (1 + weight) norms, GeGLU MLP, RoPE, loss     | the sqrt(hidden) embedding scale       |
+| Gemma 2                  | as Gemma, with the pre/post-feedforward norms | the scaled embedding, the attention's  |
+|                          | and the final logit soft cap inside the loss  | soft cap and sliding window            |
+| Gemma 3 (text)           | as Gemma 2, with the q/k norms                | the scaled embedding, sliding window   |
+| Phi-3                    | norms, RoPE, SwiGLU on its fused gate_up_proj,| its fused qkv_proj (a plain matmul)    |
+|                          | loss                                          | and partial rotary (Phi-4-mini)        |
+| SmolLM3                  | as Llama; RoPE in the layers that have it     | attention                              |
+| OLMo 2                   | norms incl. post-norms and the whole-         | attention                              |
+|                          | projection q/k norms, RoPE, SwiGLU, loss      |                                        |
+
+Gemma 3's multimodal model (model_type "gemma3") is not served on an instance; after a
+class patch its text model is patched as Gemma 3 (text) is, and its loss and vision tower
+stay Hugging Face's.
 
 What each part replaces, and where it hooks in. Every hook is one that transformers
 itself calls at run time; none rebuilds or reads Hugging Face's source, so a release
 that wraps a forward in a decorator (5.24's `deprecate_kwarg`) or renames a keyword
 (`past_key_values` -> `cache`) changes nothing here.
 
-- RMSNorm (every one: the layers', the final norm, Qwen3's q/k norms): rms_norm, as
-  the instance's own `forward`, reading only its `weight` and `variance_epsilon`.
+- RMSNorm (every one: the layers', the post-norms, the final norm, the q/k norms): rms_norm,
+  as the instance's own `forward`, reading only its `weight` and its epsilon
+  (`variance_epsilon`, or Gemma's `eps`). Gemma's (1 + weight) is the kernel's offset.
+  The result's dtype is Hugging Face's: the promoted one where the family multiplies the
+  rounded normalised value by the weight (Llama), the input's where it rounds the product
+  (Gemma, OLMo 2).
 - RoPE: the attention calls the function `apply_rotary_pos_emb` of its modeling module,
   looked up by name at each call. tinyfuse puts a stand-in under that name (once per
   family) that runs Hugging Face's own function unless a patched attention instance is
   running: the patched instance's `forward` is its class's forward, unchanged, with the
   instance counted in and out around it. The stand-in then uses `rope` with one cos/sin
   row per token, so position ids (left padding, a KV cache) keep their meaning; other
-  layouts (partial rotary, another unsqueeze_dim) go to Hugging Face's function. Two
-  threads running a patched and an unpatched model of one family at the same moment may
-  see each other's choice, which changes only float rounding: both compute the same
-  rotation.
-- SwiGLU MLP: swiglu, as the instance's own `forward`. When the input has at least as
+  layouts (partial rotary, another unsqueeze_dim) go to Hugging Face's function. A layer
+  that calls no RoPE (SmolLM3's NoPE layers) runs none. Two threads running a patched and
+  an unpatched model of one family at the same moment may see each other's choice, which
+  changes only float rounding: both compute the same rotation.
+- The gated MLP: swiglu (a SiLU gate) or geglu (a tanh-approximated GELU gate, Gemma's
+  `gelu_pytorch_tanh`), as the instance's own `forward`. When the input has at least as
   many rows as the MLP's width, gate and up come from one matmul with the two weights
   stacked and the gradient of its [N, 2H] output comes back as one tensor: that saves a
   read of x forward and a read of x plus the add of two input gradients backward (about
   5 N*D elements) for a copy of the two weights (4 H*D), a gain once N exceeds 0.8 H.
-  Shorter inputs (decoding) run the two projections and the activation alone.
+  Shorter inputs (decoding) run the two projections and the activation alone. Phi-3's
+  projection is already one (`gate_up_proj`): its output goes to the packed form as is.
 - The causal-LM loss: with labels and no logits asked for (training, by default), the
   instance's `forward` runs the base model with the caller's own arguments and
   linear_cross_entropy on its last hidden states and the head's weight, never holding
   the [N, V] logits; labels shifted (or `shift_labels`), ignore_index -100 and
-  num_items_in_batch ("sum" divided by it) as in Hugging Face's ForCausalLMLoss; Granite's
-  logits_scaling divides the logits inside the fused loss (its logit_scale). Granite's
-  embedding, residual and attention multipliers are in code this leaves alone. Every
-  other call (no labels, skip_logits=False, logits wanted) is the class's forward as it
-  is. Hugging Face's `loss_type` lookup is not the hook: it receives the logits already
-  formed, which is the cost this part removes.
+  num_items_in_batch ("sum" divided by it) as in Hugging Face's ForCausalLMLoss. Granite's
+  logits_scaling (the logits are divided by it) is the fused loss's logit_scale, Gemma 2/3's
+  final_logit_softcapping its softcap. Every other call (no labels, skip_logits=False,
+  logits wanted) is the class's forward as it is. Hugging Face's `loss_type` lookup is not
+  the hook: it receives the logits already formed, which is the cost this part removes.
 
 Why not transformers' kernel hooks (`use_kernel_forward_from_hub` on RMSNorm,
 `use_kernelized_func` for `apply_rotary_pos_emb`, the `kernels` package's `kernelize`)
@@ -45,18 +71,21 @@ local install, with no hub download.
 
 A patched instance keeps its parameters, their names and its state dict (save_pretrained,
 an optimizer built before the patch, tied embeddings all keep working); other models are
-untouched. Parts that do not fit a model (a GELU MLP, a head with a bias, a norm without
-`variance_epsilon`) are left to Hugging Face's code with one warning naming the part and
+untouched. Parts that do not fit a model (an exact-GELU MLP, a head with a bias, a norm
+without an epsilon) are left to Hugging Face's code with one warning naming the part and
 the reason; a part asked for explicitly (`swiglu=True`) on an instance raises instead.
 
-Where patched and unpatched differ: rms_norm rounds once where Hugging Face rounds the
+Where patched and unpatched differ: rms_norm rounds once where Llama's norm rounds the
 normalised value before the weight (bf16 results may differ in the last bit), and the
 linear_cross_entropy loss comes back in the head's compute dtype (bf16 under bf16
 autocast) where Hugging Face upcasts the logits to float32 first.
 """
+import functools
 import importlib
 import types
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,30 +93,67 @@ import torch.nn.functional as F
 from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import rope
-from .swiglu import swiglu
+from .swiglu import geglu, swiglu
 
-# model_type -> the class-name prefix in transformers.models.<type>.modeling_<type>
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "granite": "Granite"}
-PARTS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
+
+@dataclass(frozen=True)
+class Family:
+    """How one family differs from Llama, as far as the patched parts are concerned."""
+    module: str                          # transformers.models.<module>.modeling_<module>
+    prefix: str                          # its classes' name prefix
+    norm_offset: float = 0.0             # Gemma's norms scale by (offset + weight)
+    norm_rounds_product: bool = False    # (weight * normalised).to(x.dtype), not weight * normalised.to(x.dtype)
+    activation: str = "hidden_act"       # the config key the MLP's activation is named under
+    logit_divisor: Optional[str] = None  # the config key the logits are divided by (Granite)
+    softcap: Optional[str] = None        # the config key of the final logits' soft cap (Gemma 2/3)
+
+
+_GEMMA = dict(norm_offset=1.0, norm_rounds_product=True)
+_GEMMA_2 = dict(_GEMMA, activation="hidden_activation", softcap="final_logit_softcapping")
+# model_type -> Family
+FAMILIES = {
+    "llama": Family("llama", "Llama"),
+    "mistral": Family("mistral", "Mistral"),
+    "qwen2": Family("qwen2", "Qwen2"),
+    "qwen3": Family("qwen3", "Qwen3"),
+    "granite": Family("granite", "Granite", logit_divisor="logits_scaling"),
+    "gemma": Family("gemma", "Gemma", **_GEMMA),
+    "gemma2": Family("gemma2", "Gemma2", **_GEMMA_2),
+    "gemma3_text": Family("gemma3", "Gemma3", **_GEMMA_2),
+    "phi3": Family("phi3", "Phi3"),
+    "smollm3": Family("smollm3", "SmolLM3"),
+    "olmo2": Family("olmo2", "Olmo2", norm_rounds_product=True),
+}
+PARTS = ("rms_norm", "rope", "swiglu", "geglu", "linear_cross_entropy")
+# the MLP's activation (as transformers names it) -> the part and op that replace its gated MLP
+_GATES = {"silu": ("swiglu", swiglu), "swish": ("swiglu", swiglu), "gelu_pytorch_tanh": ("geglu", geglu)}
 _IGNORE_INDEX = -100
 
 
-def _modeling(model_type):
-    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+def _modeling(family):
+    return importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
 
 
 def _unsupported(what):
-    return TypeError(f"patch_transformers: supported model families are {', '.join(FAMILIES.values())}; "
-                     f"got {what}")
+    names = ", ".join(family.prefix for family in FAMILIES.values())
+    return TypeError(f"patch_transformers: supported model families are {names}; got {what}")
 
 
 # ---- the parts ------------------------------------------------------------------------
 
-def _rms_norm_forward(self, hidden_states):
-    # Hugging Face returns weight * normalised in the promoted dtype (float32 weights
-    # under autocast give a float32 result): keep that.
+def _norm_eps(module):
+    """An RMSNorm's epsilon: `variance_epsilon` (Llama and most) or `eps` (Gemma)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return eps if isinstance(eps, float) else None
+
+
+def _rms_norm_forward(self, hidden_states, offset=0.0, rounds_product=False):
+    # Llama returns weight * normalised in the promoted dtype (float32 weights under
+    # autocast give a float32 result); Gemma and OLMo 2 return the input's dtype.
+    if rounds_product:
+        return rms_norm(hidden_states, self.weight, _norm_eps(self), offset)
     dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
-    return rms_norm(hidden_states.to(dtype), self.weight.to(dtype), self.variance_epsilon)
+    return rms_norm(hidden_states.to(dtype), self.weight.to(dtype), _norm_eps(self), offset)
 
 
 def _rope_fits(q, cos, unsqueeze_dim):
@@ -139,17 +205,22 @@ def _attention_forward(self, *args, **kwargs):
         _RopeScope.depth -= 1
 
 
-def _mlp_forward(self, x):
+def _mlp_forward(self, x, gated):
     gate, up = self.gate_proj, self.up_proj
     rows = x.numel() // max(x.shape[-1], 1)
     if gate.bias is None and up.bias is None and rows >= gate.out_features:
-        return self.down_proj(swiglu(F.linear(x, torch.cat((gate.weight, up.weight)))))
-    return self.down_proj(swiglu(gate(x), up(x)))
+        return self.down_proj(gated(F.linear(x, torch.cat((gate.weight, up.weight)))))
+    return self.down_proj(gated(gate(x), up(x)))
+
+
+def _fused_mlp_forward(self, x, gated):
+    """Phi-3's MLP: gate_up_proj's [..., 2H] output holds gate then up, the packed form."""
+    return self.down_proj(gated(self.gate_up_proj(x)))
 
 
 def _causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, ignore_index=_IGNORE_INDEX,
-                    shift_labels=None, logit_scale=1.0, **_):
-    """Hugging Face's ForCausalLMLoss on (hidden @ weight.T) * logit_scale, without the logits."""
+                    shift_labels=None, logit_scale=1.0, softcap=None, **_):
+    """Hugging Face's ForCausalLMLoss on softcap(hidden @ weight.T * logit_scale), without the logits."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -160,11 +231,10 @@ def _causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, ignore_inde
     elif weight.dtype != hidden.dtype:
         hidden = hidden.to(weight.dtype)
     target = shift_labels.reshape(-1).to(hidden.device)
+    options = dict(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap)
     if num_items_in_batch is None:
-        return linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction="mean",
-                                    logit_scale=logit_scale)
-    loss = linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction="sum",
-                                logit_scale=logit_scale)
+        return linear_cross_entropy(hidden, weight, target, reduction="mean", **options)
+    loss = linear_cross_entropy(hidden, weight, target, reduction="sum", **options)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
@@ -190,8 +260,11 @@ def _causal_lm_forward(self, *args, labels=None, skip_logits=None, **kwargs):
     return_dict = kwargs.pop("return_dict", None)
     kwargs.pop("logits_to_keep", None)
     outputs = self.model(*args, **kwargs)
-    logit_scale = 1.0 / getattr(self.config, "logits_scaling", 1.0)  # Granite divides its logits by it
-    loss = _causal_lm_loss(outputs[0], self.lm_head.weight, labels, logit_scale=logit_scale, **kwargs)
+    family = FAMILIES[self.config.model_type]
+    divisor = getattr(self.config, family.logit_divisor) if family.logit_divisor else 1.0
+    softcap = getattr(self.config, family.softcap) if family.softcap else None
+    loss = _causal_lm_loss(outputs[0], self.lm_head.weight, labels, logit_scale=1.0 / divisor, softcap=softcap,
+                           **kwargs)
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
                                  hidden_states=getattr(outputs, "hidden_states", None),
                                  attentions=getattr(outputs, "attentions", None))
@@ -202,25 +275,35 @@ def _causal_lm_forward(self, *args, labels=None, skip_logits=None, **kwargs):
 
 # ---- planning and applying ------------------------------------------------------------
 
-def _fit(part, module, modeling, prefix):
+def _fit(part, module, modeling, family):
     """(forward, None) when `part` replaces this module's forward, (None, why not) when the
     module is of the part's kind but the part does not fit it, None otherwise."""
-    if part == "rms_norm" and isinstance(module, getattr(modeling, f"{prefix}RMSNorm")):
-        if not (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")):
-            return None, "this RMSNorm has no weight and variance_epsilon to read"
-        return _rms_norm_forward, None
-    if part == "rope" and isinstance(module, getattr(modeling, f"{prefix}Attention")):
+    def of(kind):  # () when this transformers' family has no such class: isinstance is then False
+        return getattr(modeling, f"{family.prefix}{kind}", ())
+
+    if part == "rms_norm" and isinstance(module, of("RMSNorm")):
+        if not (isinstance(getattr(module, "weight", None), torch.Tensor) and _norm_eps(module) is not None):
+            return None, "this RMSNorm has no weight and epsilon to read"
+        return functools.partial(_rms_norm_forward, offset=family.norm_offset,
+                                 rounds_product=family.norm_rounds_product), None
+    if part == "rope" and isinstance(module, of("Attention")):
         if not _install_rope_stand_in(modeling):
             return None, f"{modeling.__name__} has no apply_rotary_pos_emb for the attention to call"
         return _attention_forward, None
-    if part == "swiglu" and isinstance(module, getattr(modeling, f"{prefix}MLP")):
-        act = getattr(getattr(module, "config", None), "hidden_act", None)
-        if act not in ("silu", "swish"):
-            return None, f"swiglu replaces a SiLU-gated MLP; this one's hidden_act is {act!r}"
+    if part in ("swiglu", "geglu") and isinstance(module, of("MLP")):
+        act = getattr(getattr(module, "config", None), family.activation, None)
+        gate_part, gated = _GATES.get(act, (None, None))
+        if gate_part is None:  # neither part fits: said once, under swiglu
+            return (None, f"swiglu and geglu replace SiLU- and tanh-GELU-gated MLPs; this one's "
+                          f"{family.activation} is {act!r}") if part == "swiglu" else None
+        if part != gate_part:
+            return None
+        if all(hasattr(module, name) for name in ("gate_up_proj", "down_proj")):
+            return functools.partial(_fused_mlp_forward, gated=gated), None
         if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")):
-            return None, "this MLP has no gate_proj, up_proj and down_proj"
-        return _mlp_forward, None
-    if part == "linear_cross_entropy" and isinstance(module, getattr(modeling, f"{prefix}ForCausalLM")):
+            return None, "this MLP has no gate_proj, up_proj and down_proj (nor gate_up_proj)"
+        return functools.partial(_mlp_forward, gated=gated), None
+    if part == "linear_cross_entropy" and isinstance(module, of("ForCausalLM")):
         head = getattr(module, "lm_head", None)
         if not isinstance(head, torch.nn.Linear) or not hasattr(module, "model"):
             return None, "this model has no lm_head Linear and base model to read"
@@ -243,12 +326,13 @@ def _plan(model, parts):
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model, PreTrainedModel) or model_type not in FAMILIES:
         raise _unsupported(f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else ""))
-    modeling, prefix = _modeling(model_type), FAMILIES[model_type]
+    family = FAMILIES[model_type]
+    modeling = _modeling(family)
     plan = []
     for module in model.modules():
         done = getattr(module, "_tinyfuse_patched", ())
         for part, required in parts.items():
-            found = _fit(part, module, modeling, prefix)
+            found = _fit(part, module, modeling, family)
             if found is None or part in done:
                 continue
             forward, why = found
@@ -268,15 +352,17 @@ def _patch_classes(parts):
     PreTrainedModel.post_init (the last step of every model's __init__) patches the
     instance it finishes, each part where it fits. Calling again replaces the chosen
     parts, never stacks."""
-    for model_type, prefix in FAMILIES.items():
+    for family in FAMILIES.values():
         try:
-            base = getattr(_modeling(model_type), f"{prefix}PreTrainedModel")
+            base = getattr(_modeling(family), f"{family.prefix}PreTrainedModel")
         except (ImportError, AttributeError):
             continue  # a transformers without this family
         original = base.__dict__.get("_tinyfuse_original_post_init", base.post_init)
 
         def post_init(self, _original=original):
             _original(self)
+            if getattr(self.config, "model_type", None) not in FAMILIES:
+                return  # a model of a family's base class that is not served (Gemma 3's multimodal one)
             for module, part, forward in _plan(self, {part: None for part in parts}):
                 _apply(module, part, forward)
 
@@ -289,8 +375,9 @@ def _apply(module, part, forward):
     module._tinyfuse_patched = (*getattr(module, "_tinyfuse_patched", ()), part)
 
 
-def patch_transformers(model=None, *, rms_norm=None, rope=None, swiglu=None, linear_cross_entropy=None):
-    """Run a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Granite model on tinyfuse's kernels.
+def patch_transformers(model=None, *, rms_norm=None, rope=None, swiglu=None, geglu=None, linear_cross_entropy=None):
+    """Run a Hugging Face causal LM of the families in FAMILIES (Llama, Mistral, Qwen2/3,
+    Granite, Gemma 1/2/3, Phi-3, SmolLM3, OLMo 2) on tinyfuse's kernels.
 
     Each part is None (default: wherever it fits, with a warning where it does not),
     True (required: raise if it does not fit) or False (left out). With a model
@@ -300,7 +387,7 @@ def patch_transformers(model=None, *, rms_norm=None, rope=None, swiglu=None, lin
     raises an error naming the supported families, with nothing changed. See the module
     docstring for what each part replaces.
     """
-    chosen = {part: setting for part, setting in zip(PARTS, (rms_norm, rope, swiglu, linear_cross_entropy))
+    chosen = {part: setting for part, setting in zip(PARTS, (rms_norm, rope, swiglu, geglu, linear_cross_entropy))
               if setting is not False}
     if model is None:
         _patch_classes(chosen)

@@ -5,9 +5,12 @@ heads of 16, vocabulary 96) and a deep copy of it, patches the copy and compares
 in float32: the tolerance is the kernels' float32 bound (1e-5 relative-norm
 error), since the math is the same up to float32 rounding. The MLP width (24) is
 below the rows of a training batch (2 x 14) and above those of a decoding step,
-so both of the patched MLP's paths run. Qwen2 gets untied embeddings and q/k/v
-biases, the others tied embeddings; Qwen3 brings its q/k RMSNorms; Granite its embedding,
-residual, attention and logit multipliers.
+so both of the patched MLP's paths run. Qwen2, Phi-3 and OLMo 2 get untied embeddings
+(Qwen2 q/k/v biases), the others tied ones; Qwen3 and Gemma 3 bring their per-head q/k
+RMSNorms, OLMo 2 its post-norms and whole-projection q/k norms; Granite its embedding,
+residual, attention and logit multipliers; Gemma 2/3 a final logit soft cap small enough
+(0.5, against logits of std ~0.3) that a cap dropped or applied twice shows, and Gemma 3
+a sliding layer whose window (8) is shorter than the batch; SmolLM3 a layer without RoPE.
 """
 import copy
 import os
@@ -37,16 +40,29 @@ FAMILIES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"tie_word_embeddings": True, "logits_scaling": 4.0,
                                                         "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                                                         "attention_multiplier": 0.2}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"tie_word_embeddings": True}),
+    # Gemma 2's attention soft cap has no SDPA path in transformers: eager attention
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"tie_word_embeddings": True, "final_logit_softcapping": 0.5,
+                                                      "query_pre_attn_scalar": 16, "attn_implementation": "eager"}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "tie_word_embeddings": True, "final_logit_softcapping": 0.5, "query_pre_attn_scalar": 16,
+        "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"tie_word_embeddings": True, "no_rope_layers": [1, 0]}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"tie_word_embeddings": False}),
 }
+# What each family's table (kernels/huggingface.py) promises for its modules, by class name:
+# every RMSNorm on rms_norm, every attention on rope, the MLP on its gate's op, the loss fused.
+GATE = {family: "geglu" if family.startswith("gemma") else "swiglu" for family in FAMILIES}
 B, T, V = 2, 14, 96
 
 
 def build(family, seed=0):
     config_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        vocab_size=V, hidden_size=64, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0,
-        attn_implementation="sdpa", **extra)
+    settings = dict(vocab_size=V, hidden_size=64, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0,
+                    attn_implementation="sdpa")
+    config = getattr(transformers, config_name)(**{**settings, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(DEVICE)
     with torch.no_grad():  # random norm weights, so that a norm weight that is not applied shows
@@ -98,6 +114,11 @@ def test_logits_loss_and_gradients_match(family):
     assert_same_grads(plain, patched)
     ran = {e.name for e in prof.events() if e.name.startswith("tinyfuse::")}
     assert ran == {f"tinyfuse::{op}" for op in KERNEL_OPS}, ran
+    promised = {"RMSNorm": ("rms_norm",), "Attention": ("rope",), "MLP": (GATE[family],),
+                "ForCausalLM": ("linear_cross_entropy",)}
+    for name, module in patched.named_modules():
+        kind = next((k for k in promised if type(module).__name__.endswith(k)), None)
+        assert getattr(module, "_tinyfuse_patched", None) == promised.get(kind), name or "the model"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -211,7 +232,8 @@ def test_unsupported_model_is_refused_untouched():
                                       bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
     forwards = [m.forward for m in model.modules()]
-    with pytest.raises(TypeError, match=r"supported model families are Llama, Mistral, Qwen2, Qwen3, Granite; "
+    with pytest.raises(TypeError, match=r"supported model families are Llama, Mistral, Qwen2, Qwen3, Granite, Gemma, Gemma2, "
+                                        r"Gemma3, Phi3, SmolLM3, Olmo2; "
                                         r"got GPT2LMHeadModel \(model_type 'gpt2'\)"):
         patch_transformers(model)
     assert [m.forward for m in model.modules()] == forwards
@@ -256,6 +278,47 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_class_patching_serves_gemma3s_multimodal_model_its_text_part(tmp_path):
+    """Gemma 3's multimodal model shares the text model's base class: after a class patch it
+    builds, its language model is patched, and its loss (not a ForCausalLM's) stays Hugging Face's."""
+    code = """
+import torch
+from tinyfuse.engine.runtime import select_backend
+select_backend()
+import transformers
+from tinyfuse.kernels import patch_transformers
+patch_transformers()
+text = dict(vocab_size=96, hidden_size=64, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16)
+vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+model = transformers.Gemma3ForConditionalGeneration(
+    transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+layer = model.model.language_model.layers[0]
+assert layer.mlp._tinyfuse_patched == ("geglu",) and layer.self_attn.q_norm._tinyfuse_patched == ("rms_norm",)
+assert not hasattr(model, "_tinyfuse_patched")
+ids = torch.randint(1, 90, (2, 9))
+assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "olmo2"])
+def test_a_norm_returns_hugging_faces_dtype(family):
+    """bf16 activations, float32 weights: Llama's norm returns float32 (the weight times the
+    rounded normalised value), Gemma's and OLMo 2's bf16 (the product rounded); the values
+    agree within bf16's bound."""
+    from helpers import TOLERANCE
+
+    plain, patched = pair(family)
+    x = torch.randn(B, T, 64, device=DEVICE).to(torch.bfloat16)
+    ref, got = plain.model.norm(x), patched.model.norm(x)
+    assert got.dtype == ref.dtype == (torch.float32 if family == "llama" else torch.bfloat16)
+    assert rel_err(got, ref) < TOLERANCE[torch.bfloat16]
 
 
 def test_an_instance_patch_leaves_other_models_untouched():
@@ -314,8 +377,8 @@ with warnings.catch_warnings(record=True) as caught:
     model = transformers.LlamaForCausalLM(config)
     transformers.LlamaForCausalLM(config)  # a second model: no second warning
 said = [str(w.message) for w in caught if "patch_transformers" in str(w.message)]
-assert said == ["patch_transformers: swiglu left to Hugging Face's code in LlamaMLP: swiglu replaces a SiLU-gated "
-                "MLP; this one's hidden_act is 'gelu'"], said
+assert said == ["patch_transformers: swiglu left to Hugging Face's code in LlamaMLP: swiglu and geglu replace SiLU- "
+                "and tanh-GELU-gated MLPs; this one's hidden_act is 'gelu'"], said
 assert not hasattr(model.model.layers[0].mlp, "_tinyfuse_patched")
 assert model.model.norm._tinyfuse_patched == ("rms_norm",)
 ids = torch.randint(0, 96, (2, 9))
