@@ -244,21 +244,21 @@ def _causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, ignore_inde
 _BASE_POSITIONAL = 5  # input_ids, attention_mask, position_ids, the cache, inputs_embeds
 
 
-def _causal_lm_forward(self, *args, labels=None, skip_logits=None, **kwargs):
+def _causal_lm_forward(self, *args, labels=None, skip_logits=None, logits_to_keep=0, **kwargs):
     """The ForCausalLM forward with the loss through linear_cross_entropy when training
     with labels (skip_logits, default: training with labels; the logits are then None).
     The base model gets the caller's arguments as they are, as the class's forward
-    passes them."""
+    passes them. logits_to_keep is named in the signature because generate() reads the
+    signature to decide whether to ask for the last position's logits only."""
     if skip_logits is None:
         skip_logits = self.training and labels is not None
     if skip_logits and labels is None:
         raise ValueError("skip_logits=True needs labels: without them there is nothing to return")
     if not skip_logits or len(args) > _BASE_POSITIONAL:
-        return type(self).forward(self, *args, labels=labels, **kwargs)
+        return type(self).forward(self, *args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
-    kwargs.pop("logits_to_keep", None)
     outputs = self.model(*args, **kwargs)
     family = FAMILIES[self.config.model_type]
     divisor = getattr(self.config, family.logit_divisor) if family.logit_divisor else 1.0
