@@ -16,7 +16,8 @@
 # first, since a wrong kernel makes its timings meaningless (a failure is reported, and
 # the run goes on); 2 the main job (stories260K, 400 steps); 3 the training step of
 # stories15M and stories110M: tinyfuse with and without the CUDA graph, kernels="torch",
-# Hugging Face plain, patched by tinyfuse and by Liger; 4 every op at those presets'
+# Hugging Face's Llama, Gemma-style and Phi-3 models plain, patched by tinyfuse and by
+# Liger; 4 every op at those presets'
 # shapes against eager torch and torch.compile, with the copy bandwidth; 5 the kernels'
 # tests on the device and the GPU-only tests (pytest -m gpu); 6 the compiled step. A rerun
 # names the stages still missing; it writes into a fresh $OUT. --dry-run runs the same stages on a CPU at smoke sizes (no install; the
@@ -30,7 +31,8 @@
 #
 # Measured on the H200 (2026-11-29, before the check stage existed; numbered as now): stage
 # 0 48 s (33 s on a warm machine), 2 39 s, 3 77 s, 4 74 s, 5 110 s, 6 122 s: 470 s in all.
-# The check stage is predicted at 30-60 s (not yet measured), its limit 90 s.
+# The check stage is predicted at 30-60 s (not yet measured), its limit 90 s; stage 3 with
+# the Gemma-style and Phi-3 rows (12 more row runs of ~3 s each) at 110-130 s, its limit 200 s.
 #
 # Environment: OUT (default bench-results/gpu), GPU_RUN_BUDGET seconds for the whole run
 # (default 540: one 10-minute device command with room to pack), PYTHON (default python3).
@@ -160,7 +162,8 @@ for s in "${STAGES[@]}"; do
         1) stage 1 check 90 check_kernels ;;
         2) stage 2 main 150 main_job ;;
         3) stage 3 step 200 "${BENCH[@]}" --only step --out "$WORK/3-step" \
-               --step-rows tinyfuse tinyfuse-nograph tinyfuse-torch hf hf-tinyfuse hf-liger ;;
+               --step-rows tinyfuse tinyfuse-nograph tinyfuse-torch hf hf-tinyfuse hf-liger \
+                           hf-gemma3 hf-gemma3-tinyfuse hf-gemma3-liger hf-phi3 hf-phi3-tinyfuse hf-phi3-liger ;;
         4) stage 4 kernels 240 "${BENCH[@]}" --only kernels --no-sweep --out "$WORK/4-kernels" ;;
         5) stage 5 gpu-tests 180 gpu_tests ;;
         6) stage 6 compiled-step 300 "${BENCH[@]}" --only step --out "$WORK/6-compiled-step" \

@@ -198,7 +198,8 @@ def plots(results, out_dir):
                       for p in presets]
             model, kernels, comp, graph = config
             ax.bar([j + i * width for j in range(len(presets))], values, width,
-                   label=f"{'HF ' if model == 'transformers' else ''}{kernels}{' + compile' if comp else ''}"
+                   label=f"{'' if model == 'tinyfuse' else model.replace('transformers', 'HF') + ' '}{kernels}"
+                         f"{' + compile' if comp else ''}"
                          f"{' + graph' if graph else ''}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(presets))], presets)
         ax.set_yscale("log")

@@ -1,8 +1,11 @@
 """Benchmark: one training step of each preset — tokens/s, MFU, peak memory and where the
 time goes — with kernels="triton" and "torch", eager and under torch.compile, bf16 on CUDA;
-beside them Hugging Face's LlamaForCausalLM of the same sizes (SDPA attention, tied
-embeddings), plain, patched with tinyfuse.kernels.patch_transformers, and patched with
-Liger-Kernel's apply_liger_kernel_to_llama when liger_kernel imports.
+beside them Hugging Face models of the same sizes (SDPA attention, tied embeddings), plain,
+patched with tinyfuse.kernels.patch_transformers, and patched with Liger-Kernel's
+apply_liger_kernel_to_* when liger_kernel imports: LlamaForCausalLM (rows hf*), a
+Gemma-style model (Gemma 3 text: (1 + weight) norms with post-norms and q/k norms, GeGLU,
+Gemma 2's final logit soft cap of 30; rows hf-gemma3*) and a Phi-3 (fused qkv and gate_up
+projections; rows hf-phi3*).
 
     python -m tinyfuse.bench.step [--smoke] [--presets stories15M ...] [--json FILE]
 
@@ -44,12 +47,23 @@ def _now(device):
     return time.perf_counter()
 
 
+# The Hugging Face models of the step rows, by their rows' `model`: (config class, model
+# class, fields beside the preset's Llama ones, Liger's patch function).
+HF_MODELS = {
+    "transformers": ("LlamaConfig", "LlamaForCausalLM", {}, "apply_liger_kernel_to_llama"),
+    "transformers-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                            {"hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0},
+                            "apply_liger_kernel_to_gemma3_text"),
+    "transformers-phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}, "apply_liger_kernel_to_phi3"),
+}
+_HF_ROW_PREFIX = {"transformers": "hf", "transformers-gemma3": "hf-gemma3", "transformers-phi3": "hf-phi3"}
 # The step rows by the names `tinyfuse bench --step-rows` takes: (model, kernels, graph);
 # each name with "+compile" is the same row under torch.compile. graph None is the
 # trainer's default (a CUDA graph on CUDA); "tinyfuse-nograph" is the eager step beside it.
 ROWS = {"tinyfuse": ("tinyfuse", "triton", None), "tinyfuse-nograph": ("tinyfuse", "triton", False),
-        "tinyfuse-torch": ("tinyfuse", "torch", None), "hf": ("transformers", "plain", None),
-        "hf-tinyfuse": ("transformers", "tinyfuse", None), "hf-liger": ("transformers", "liger", None)}
+        "tinyfuse-torch": ("tinyfuse", "torch", None),
+        **{prefix + suffix: (model, patch, None) for model, prefix in _HF_ROW_PREFIX.items()
+           for suffix, patch in (("", "plain"), ("-tinyfuse", "tinyfuse"), ("-liger", "liger"))}}
 ROW_NAMES = tuple(name + suffix for name in ROWS for suffix in ("", "+compile") if name != "tinyfuse-nograph"
                   or not suffix)
 
@@ -68,24 +82,34 @@ def row_name(model, kernels, compile, graph):
     return base + ("+compile" if compile else "")
 
 
-def hf_model(cfg, patch):
-    """LlamaForCausalLM with the preset's sizes; patch: "plain", "tinyfuse" or "liger"."""
+def hf_model(cfg, patch, model="transformers"):
+    """The Hugging Face model `model` (a key of HF_MODELS) with the preset's sizes; patch:
+    "plain", "tinyfuse" or "liger"."""
     import transformers
 
     from tinyfuse.engine.checkpoint import hf_config
 
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg), attn_implementation="sdpa"))
+    config_class, model_class, extra, liger_patch = HF_MODELS[model]
+    fields = hf_config(cfg)
+    if model != "transformers":  # the Llama config's own identity and activation stay behind
+        fields = {key: value for key, value in fields.items() if key not in ("architectures", "model_type",
+                                                                          "hidden_act")}
+        fields.update(extra)
+        if "gemma" in model:  # Gemma scales its scores by this, set to the head size in its releases
+            fields["query_pre_attn_scalar"] = cfg.head_dim
+    built = getattr(transformers, model_class)(getattr(transformers, config_class)(**fields,
+                                                                                   attn_implementation="sdpa"))
     if patch == "tinyfuse":
         from tinyfuse.kernels import patch_transformers
 
-        patch_transformers(model)
+        patch_transformers(built)
     elif patch == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel.transformers
 
-        apply_liger_kernel_to_llama(model=model)
+        getattr(liger_kernel.transformers, liger_patch)(model=built)
     elif patch != "plain":
         raise ValueError(f"patch must be plain, tinyfuse or liger; got {patch!r}")
-    return model
+    return built
 
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -121,11 +145,11 @@ def _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus
     return trainer, step
 
 
-def _hf_step(cfg, patch, compile, device, batch, seq_len, corpus_dir, loss_sum):
-    """(loader, step(times=None)): the usual loop around LlamaForCausalLM; each step's loss
-    is added to loss_sum on the device."""
+def _hf_step(cfg, model_kind, patch, compile, device, batch, seq_len, corpus_dir, loss_sum):
+    """(loader, step(times=None)): the usual loop around the Hugging Face model; each step's
+    loss is added to loss_sum on the device."""
     cuda = torch.device(device).type == "cuda"
-    model = hf_model(cfg, patch).to(device).train()
+    model = hf_model(cfg, patch, model_kind).to(device).train()
 
     def loss_of(x, y):
         return model(input_ids=x, labels=y, shift_labels=y).loss
@@ -173,7 +197,7 @@ def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, 
             loss_sum, facts["attention"] = owner.loss_sum, owner.attention
         else:
             loss_sum = torch.zeros((), device=device)
-            owner, step = _hf_step(cfg, kernels, compile, device, batch, seq_len, corpus_dir, loss_sum)
+            owner, step = _hf_step(cfg, model_kind, kernels, compile, device, batch, seq_len, corpus_dir, loss_sum)
             facts["attention"] = "sdpa"
         # a CUDA graph: three warm-up steps, then the capture, in the warm-up
         warmup, timed, instrumented = (2, 1, 1) if smoke else (6, repeats or 20, 10)
@@ -217,12 +241,12 @@ def default_rows(cuda=False):
     from .kernels import liger
 
     names = [n for n in ROW_NAMES if n != "tinyfuse-nograph" or cuda]
-    return [n for n in names if not n.startswith("hf-liger") or liger()]
+    return [n for n in names if row_spec(n)[1] != "liger" or liger()]
 
 
 def missing_dependency(model_kind, kernels):
     """Why a row cannot run here (an optional package is absent), or None."""
-    if model_kind == "transformers":
+    if model_kind in HF_MODELS:
         try:
             import transformers  # noqa: F401
         except ImportError:

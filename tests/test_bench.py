@@ -58,9 +58,15 @@ def test_smoke_suite_writes_every_output(smoke):
             assert r["speedup"]["torch"] == pytest.approx(same[0]["ms"] / r["ms"])
     steps = results["step"]
     liger = ("liger",) if kernels.liger() else ()  # Liger runs on CUDA only; its absence is noted
+    hf = ("plain", "tinyfuse") + liger
     assert [(s["model"], s["kernels"], s["compile"]) for s in steps] == [
-        (m, k, c) for m, impls in (("tinyfuse", ("triton", "torch")), ("transformers", ("plain", "tinyfuse") + liger))
+        (m, k, c) for m, impls in (("tinyfuse", ("triton", "torch")), ("transformers", hf),
+                                   ("transformers-gemma3", hf), ("transformers-phi3", hf))
         for k in impls for c in (False, True)]
+    for family in ("transformers", "transformers-gemma3", "transformers-phi3"):  # patched or not: one model, one loss
+        plain, patched = (next(s["loss"] for s in steps if (s["model"], s["kernels"], s["compile"]) == (family, k, False))
+                          for k in ("plain", "tinyfuse"))
+        assert patched == pytest.approx(plain, rel=1e-4), family
     for s in steps:
         assert s["preset"] == "stories260K" and s["tokens_per_s"] > 0 and "error" not in s
         assert set(s["breakdown"]) == {"data", "forward", "backward", "optimizer"}
