@@ -166,6 +166,19 @@ def test_greedy_generate_gives_the_same_tokens(family):
         assert torch.equal(patched.generate(ids, **settings), plain.generate(ids, **settings))
 
 
+def test_the_readmes_family_table_names_every_family_served():
+    """The README's table has one row per family group; its first column's model types are
+    exactly those patch_transformers serves, and each is tested here."""
+    import re
+
+    from tinyfuse.kernels.huggingface import FAMILIES as SERVED
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    table = readme[readme.index("| family (`model_type`) |"):].split("\n\n")[0].splitlines()[2:]
+    listed = [t for row in table for t in re.findall(r"`(\w+)`", row.split("|")[1])]
+    assert sorted(listed) == sorted(SERVED) == sorted(FAMILIES)
+
+
 def test_optimizer_steps_stay_equal():
     """Parameters after SGD-with-momentum steps, and the loss after AdamW steps. Parameters
     after AdamW are not compared element by element: Adam divides each gradient by its
