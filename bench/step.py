@@ -87,7 +87,7 @@ def hf_model(cfg, patch, model="transformers"):
     "plain", "tinyfuse" or "liger"."""
     import transformers
 
-    from tinyfuse.engine.checkpoint import hf_config
+    from tinyfuse.engine.hf_checkpoint import config as hf_config
 
     config_class, model_class, extra, liger_patch = HF_MODELS[model]
     fields = hf_config(cfg)

@@ -197,6 +197,24 @@ def test_formats_round_trip(tie, tmp_path):
     assert struct.unpack("<Ii", head[:8]) == (0x616B3432, 1) and head[36] == int(tie)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_each_formats_name_map_covers_the_model_once(tie):
+    """llama2.c's and Hugging Face's name maps: every model tensor, no other, each foreign
+    name once, and the parts' rows adding up to the model tensor's shape."""
+    from tinyfuse.engine import hf_checkpoint, llama2c
+    from tinyfuse.engine.weights import model_shapes, name_map
+
+    cfg = random_weights(tie).config
+    shapes = model_shapes(cfg)
+    for names in (llama2c.NAMES, hf_checkpoint.NAMES):
+        mapping = name_map(cfg, names)
+        assert mapping.keys() == shapes.keys()
+        for model_name, parts in mapping.items():
+            assert (sum(shape[0] for _, shape in parts), *parts[0][1][1:]) == shapes[model_name], model_name
+        foreign = [name for parts in mapping.values() for name, _ in parts]
+        assert len(set(foreign)) == len(foreign)
+
+
 def test_v0_header_that_looks_like_a_pickle_byte(tmp_path):
     """dim 384 is 0x180: the file starts with byte 0x80, as a pickle does."""
     cfg = ModelConfig(dim=384, n_layers=1, n_heads=6, vocab_size=32, hidden_dim=64, max_seq_len=8)

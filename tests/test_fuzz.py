@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from helpers import TINY_MODEL
-from tinyfuse.engine.checkpoint import (CheckpointError, Weights, export_hf, export_llama2c, load_checkpoint,
-                                        save_checkpoint)
+from tinyfuse.engine.checkpoint import CheckpointError, Weights, export, load_checkpoint, save_checkpoint
 from tinyfuse.engine.files import FileError
 from tinyfuse.engine.model import ModelConfig, Transformer
 from tinyfuse.engine.sample import load_tokenizer_bytes
@@ -113,7 +112,7 @@ def weights():
 @pytest.mark.parametrize("version", [0, 1])
 def test_llama2c_files(weights, tmp_path, version):
     path = tmp_path / "m.bin"
-    export_llama2c(weights, str(path), version=version)
+    export(weights, str(path), f"llama2c-v{version}")
     rng = random.Random(version)
     for i, blob in enumerate(byte_mutations(path.read_bytes(), rng, N_CASES)):
         path.write_bytes(blob)
@@ -122,7 +121,7 @@ def test_llama2c_files(weights, tmp_path, version):
 
 def test_hugging_face_folders(weights, tmp_path):
     folder = tmp_path / "hf"
-    export_hf(weights, str(folder))
+    export(weights, str(folder), "hf")
     config = json.loads((folder / "config.json").read_text())
     tensors = (folder / "model.safetensors").read_bytes()
     rng = random.Random(2)
