@@ -47,68 +47,6 @@ def prepare(args):
     return 0
 
 
-def _add_dataclass_flags(parser, cls, title, shown=None, shown_as="default"):
-    """One flag per field of a settings dataclass, its help, default and choices taken from
-    the field (engine.model.setting); a flag left out keeps the TOML's or the default.
-    shown: the values a run with no flags uses, where they are not the field's default
-    (the model's: the default preset's), named in the help as `shown_as`."""
-    import dataclasses
-
-    from .model import setting_kind
-
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        kind, _ = setting_kind(f.type)
-        if kind not in (bool, int, float, str) or "help" not in f.metadata:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        choices = f.metadata.get("choices")
-        value = f.default if shown is None else shown.get(f.name)
-        default = "" if value is None else f" ({shown_as}: {value})"
-        if choices:
-            help = f"{f.metadata['help']}; one of {', '.join(choices)}{default}"
-        else:
-            help = f"{f.metadata['help']}{default}"
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        else:
-            # Choices are checked by the dataclass's validate(), as for the TOML file: one line.
-            metavar = "{" + ",".join(choices) + "}" if choices else kind.__name__.upper()
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=metavar)
-
-
-def train_config(args, saved=None):
-    """TrainConfig from `saved` (a resumed run's own settings), then the TOML file, then the
-    flags: later wins."""
-    import dataclasses
-
-    from .model import ModelConfig
-    from .train import TrainConfig
-
-    values = dict(saved or {})
-    given = vars(args)
-    if args.config:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:
-            import tomli as tomllib
-        with open(args.config, "rb") as f:
-            values.update(tomllib.load(f))
-    model = values.pop("model", {})
-    if not isinstance(model, dict):
-        raise ValueError(f"{args.config}: model settings must be a table ([model] with name = value lines); "
-                         f"got {type(model).__name__} {model!r}")
-    model = dict(model)
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in given:
-            model[f.name] = given[f.name]
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in given and f.name != "model":
-            values[f.name] = given[f.name]
-    values["model"] = model
-    return TrainConfig.from_dict(values)
-
-
 def default_data_dir():
     from .data import default_cache_dir
 
@@ -122,6 +60,7 @@ def train(args):
     from .data import prepare as run_prepare
     from .files import FolderLock
     from .shards import DataError, read_manifest
+    from .settings import train_config
     from .train import Interrupted, Trainer
 
     try:
@@ -428,6 +367,7 @@ def build_parser():
     p.set_defaults(func=prepare)
 
     from .model import ModelConfig
+    from .settings import add_dataclass_flags
     from .train import TrainConfig
 
     p = sub.add_parser("train", help="train a model (with no arguments: stories260K on the built-in corpus)",
@@ -437,10 +377,10 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     from .model import preset
 
-    _add_dataclass_flags(p, TrainConfig, "training")
+    add_dataclass_flags(p, TrainConfig, "training")
     default_preset = TrainConfig.preset
     model_defaults = {**preset(default_preset).to_dict(), "vocab_size": None}  # the data's
-    _add_dataclass_flags(p, ModelConfig, "model (overrides the preset's; not with --init-from)", model_defaults,
+    add_dataclass_flags(p, ModelConfig, "model (overrides the preset's; not with --init-from)", model_defaults,
                          f"default: {default_preset}'s")
     p.set_defaults(func=train)
 

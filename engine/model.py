@@ -12,8 +12,7 @@ autocast), which both paths share, so they agree to that dtype's rounding.
 """
 import contextlib
 import math
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,47 +20,7 @@ from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from .runtime import SDPA_BACKENDS, sdpa_backend
-
-
-def setting(default, help, choices=None):
-    """A settings-dataclass field that carries its command-line help and choices: the flags
-    of `tinyfuse train` are generated from these, so the dataclass is their one source."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-def field_choices(cls, name):
-    return next(f.metadata.get("choices") for f in fields(cls) if f.name == name)
-
-
-def setting_kind(annotation):
-    """(type, optional) of a settings field annotated `int`, `float | None`, ..."""
-    args = typing.get_args(annotation) or (annotation,)
-    kind = next((a for a in args if a is not type(None)), None)
-    return (kind if kind in (bool, int, float, str, dict) else None), type(None) in args
-
-
-def settings_from_dict(cls, values, what):
-    """cls(**values), with one error naming every key the dataclass does not have, or the
-    first value of the wrong type (a TOML file can hold anything)."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{what} settings must be a table of name = value; got {type(values).__name__} {values!r}")
-    unknown = set(values) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {what} settings: {', '.join(sorted(unknown))}")
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        value, (kind, optional) = values[f.name], setting_kind(f.type)
-        if value is None and optional or kind is None:
-            continue
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok:
-            expected = kind.__name__ + (" or none" if optional else "")
-            raise ValueError(f"{what} setting {f.name} must be {'a table' if kind is dict else 'a ' + expected}; "
-                             f"got {type(value).__name__} {value!r}")
-    return cls(**values)
+from .settings import setting, settings_from_dict
 
 
 # What a configuration (and so a checkpoint's header or config.json) may ask for: far above

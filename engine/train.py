@@ -23,9 +23,9 @@ from .checkpoint import (NATIVE_KIND, checkpoint_path, load_checkpoint, load_tra
                          save_checkpoint)
 from .files import FolderLock
 from .loader import TokenLoader
-from .model import (ATTENTION, PRESETS, ModelConfig, Transformer, default_kernels, field_choices, preset, setting,
-                    settings_from_dict)
+from .model import ATTENTION, PRESETS, ModelConfig, Transformer, default_kernels, preset
 from .progress import Progress
+from .settings import field_choices, setting, settings_from_dict
 from .runtime import autocast, compute_dtype, default_device, device_peak_tflops, fastest_sdpa_backend, mfu
 from .shards import check_token_range, read_manifest, sha256_file, tokenizer_path
 
