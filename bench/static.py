@@ -431,6 +431,7 @@ def step_account(name, tokens=64):
     launches, host syncs, casts, concatenations and bytes allocated. The second step is
     counted (the first creates the optimizer's state)."""
     from tinyfuse.engine.model import preset
+    from tinyfuse.engine.run_spec import resolve_run
     from tinyfuse.engine.train import TrainConfig, Trainer
 
     from .loader import make_corpus
@@ -440,8 +441,8 @@ def step_account(name, tokens=64):
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(os.path.join(tmp, "data"), tokens=1 << 16, shards=1, vocab=cfg.vocab_size,
                              val_tokens=1 << 12)
-        trainer = Trainer(TrainConfig(preset=name, data=corpus, out=os.path.join(tmp, "run"), batch_size=1,
-                                      seq_len=seq, device="cpu", kernels="triton", sample_tokens=0), quiet=True)
+        trainer = Trainer(resolve_run(TrainConfig(preset=name, data=corpus, out=os.path.join(tmp, "run"), batch_size=1,
+                                      seq_len=seq, device="cpu", kernels="triton", sample_tokens=0)), quiet=True)
         trainer.use_compute_dtype(torch.bfloat16)  # as on a GPU: bf16 autocast and working copies
         try:
             with recorded_launches(zero=True), Account(zero=True):  # CUDA-only ops are faked here too

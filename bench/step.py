@@ -35,6 +35,7 @@ import torch
 from tinyfuse.engine.loader import TokenLoader
 from tinyfuse.engine.model import PRESETS, Transformer, preset
 from tinyfuse.engine.runtime import autocast, device_peak_tflops, keep_checkout_off_path, mfu
+from tinyfuse.engine.run_spec import resolve_run
 from tinyfuse.engine.train import TrainConfig, Trainer
 
 from .kernels import STEP_TOKENS
@@ -123,9 +124,9 @@ def _record_phases(times, marks):
 
 def _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus_dir, run_dir):
     """(trainer, step(times=None)): the trainer's step, and its phases timed one by one."""
-    trainer = Trainer(TrainConfig(preset=name, data=corpus_dir, out=run_dir, batch_size=batch, seq_len=seq_len,
+    trainer = Trainer(resolve_run(TrainConfig(preset=name, data=corpus_dir, out=run_dir, batch_size=batch, seq_len=seq_len,
                                   device=device, kernels=kernels, compile=compile, cuda_graph=graph, lr=1e-4,
-                                  warmup_steps=0, max_steps=1 << 30, sample_tokens=0), quiet=True)
+                                  warmup_steps=0, max_steps=1 << 30, sample_tokens=0)), quiet=True)
 
     def step(times=None):
         if times is None:
@@ -194,7 +195,7 @@ def measure_step(name, model_kind, kernels, compile, device, smoke, corpus_dir, 
     with tempfile.TemporaryDirectory() as run_dir:
         if model_kind == "tinyfuse":
             owner, step = _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus_dir, run_dir)
-            loss_sum, facts["attention"] = owner.loss_sum, owner.attention
+            loss_sum, facts["attention"] = owner.loss_sum, owner.spec.attention
         else:
             loss_sum = torch.zeros((), device=device)
             owner, step = _hf_step(cfg, model_kind, kernels, compile, device, batch, seq_len, corpus_dir, loss_sum)

@@ -56,11 +56,10 @@ def default_data_dir():
 def train(args):
     """The main job: train a model; with no arguments, stories260K on the built-in corpus."""
     select_backend()
-    from .checkpoint import load_training_state, run_checkpoints
-    from .data import prepare as run_prepare
-    from .files import FolderLock
-    from .shards import DataError, read_manifest
+    from .checkpoint import load_training_state
+    from .run_spec import resolve_run
     from .settings import train_config
+    from .shards import DataError
     from .train import Interrupted, Trainer
 
     try:
@@ -72,39 +71,17 @@ def train(args):
         print(f"tinyfuse train: {e}", file=sys.stderr)
         return 2
     if cfg.data is None:
-        cfg.data = default_data_dir()
-        if not os.path.isfile(os.path.join(cfg.data, "manifest.json")):
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                print("tinyfuse train: under torchrun, prepare the data first (tinyfuse prepare --out DIR) "
-                      "and pass --data DIR", file=sys.stderr)
-                return 2
-            try:
-                # two first runs at once: one prepares, the other waits and finds it done
-                lock = FolderLock(os.path.dirname(cfg.data), what="cache", wait=True)
-                try:
-                    if not os.path.isfile(os.path.join(cfg.data, "manifest.json")):
-                        print(f"preparing the built-in synthetic corpus in {cfg.data} (once)", flush=True)
-                        run_prepare("synthetic", cfg.data, vocab_size=512)
-                finally:
-                    lock.release()
-            except (DataError, OSError) as e:
-                print(f"tinyfuse train: {e}", file=sys.stderr)
-                return 2
+        why = _prepare_default_data(cfg)
+        if why:
+            print(f"tinyfuse train: {why}", file=sys.stderr)
+            return 2
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        existing = cfg.out
-        while existing and not os.path.exists(existing):  # the nearest part of --out that exists
-            existing = os.path.dirname(existing)
-        if existing and not os.path.isdir(existing):
-            raise ValueError(f"--out {cfg.out}: {existing} is a file, not a folder; choose another --out")
-        read_manifest(cfg.data)
-        trainer = Trainer(cfg)  # holds the run folder from here: a second run into it is refused
+        _check_out(cfg.out, args.resume)  # before anything is built or loaded
+        trainer = Trainer(resolve_run(cfg))  # holds the run folder from here: a second run into it is refused
         if args.resume:
             trainer.resume(loaded)
-        elif run_checkpoints(cfg.out):
-            trainer.close()
-            raise ValueError(f"{cfg.out} already holds checkpoints: pass --resume to continue it, or another --out")
     except (ValueError, FileNotFoundError, ImportError, DataError) as e:
         print(f"tinyfuse train: {e}", file=sys.stderr)
         return 2
@@ -114,10 +91,10 @@ def train(args):
         say(f"nothing to do: {cfg.out} is at step {trainer.step} of --max-steps {cfg.max_steps}; "
             "give a larger --max-steps to train on")
         return 0
-    m = trainer.model_cfg
+    m, spec = trainer.model_cfg, trainer.spec
     say(f"training {cfg.preset if not cfg.init_from else cfg.init_from} ({trainer.model.num_params() / 1e6:.2f}M parameters: "
           f"dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, {m.n_kv_heads} kv heads, vocab {m.vocab_size}) "
-          f"on {trainer.device} with kernels={trainer.kernels}, {trainer.tokens_per_step} tokens/step, "
+          f"on {spec.device} with kernels={spec.kernels}, {spec.tokens_per_step} tokens/step, "
           f"{cfg.max_steps} steps -> {cfg.out}")
     try:
         trainer.fit()
@@ -134,6 +111,46 @@ def train(args):
         say(printable(story(trainer.model, sp, max_new_tokens=cfg.sample_tokens, seed=cfg.seed)))
     say(f"\ncheckpoint and metrics in {cfg.out}")
     return 0
+
+
+def _prepare_default_data(cfg):
+    """Point cfg.data at the built-in synthetic corpus, prepared on first use; why not, or None."""
+    from .data import prepare as run_prepare
+    from .files import FolderLock
+    from .runtime import launched_world_size
+    from .shards import DataError
+
+    cfg.data = default_data_dir()
+    if os.path.isfile(os.path.join(cfg.data, "manifest.json")):
+        return None
+    if launched_world_size() > 1:
+        return "under torchrun, prepare the data first (tinyfuse prepare --out DIR) and pass --data DIR"
+    try:
+        # two first runs at once: one prepares, the other waits and finds it done
+        lock = FolderLock(os.path.dirname(cfg.data), what="cache", wait=True)
+        try:
+            if not os.path.isfile(os.path.join(cfg.data, "manifest.json")):
+                print(f"preparing the built-in synthetic corpus in {cfg.data} (once)", flush=True)
+                run_prepare("synthetic", cfg.data, vocab_size=512)
+        finally:
+            lock.release()
+    except (DataError, OSError) as e:
+        return str(e)
+    return None
+
+
+def _check_out(out, resume):
+    """Refuse an --out that cannot hold this run: a file on its path, or a run's checkpoints
+    without --resume."""
+    from .checkpoint import run_checkpoints
+
+    existing = out
+    while existing and not os.path.exists(existing):  # the nearest part of --out that exists
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    if not resume and run_checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
 
 
 def _model_and_tokenizer(args, data=None):

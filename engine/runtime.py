@@ -52,6 +52,11 @@ def default_device(device=None):
     return device
 
 
+def launched_world_size():
+    """Processes in this run: torchrun's WORLD_SIZE, 1 when started alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def compute_dtype(device):
     """bf16 on CUDA (autocast), float32 elsewhere."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

@@ -5,7 +5,6 @@ A run folder holds `ckpt_NNNNNN.pt` (the last `keep_checkpoints`), `metrics.json
 object per log line) and `loss.png`.
 """
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -19,15 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (NATIVE_KIND, checkpoint_path, load_checkpoint, load_training_state, run_checkpoints,
-                         save_checkpoint)
+from .checkpoint import NATIVE_KIND, checkpoint_path, load_training_state, run_checkpoints, save_checkpoint
 from .files import FolderLock
 from .loader import TokenLoader
-from .model import ATTENTION, PRESETS, ModelConfig, Transformer, default_kernels, preset
+from .model import ATTENTION, PRESETS, ModelConfig, Transformer
 from .progress import Progress
+from .run_spec import RunSpec
+from .runtime import autocast, compute_dtype, mfu
 from .settings import field_choices, setting, settings_from_dict
-from .runtime import autocast, compute_dtype, default_device, device_peak_tflops, fastest_sdpa_backend, mfu
-from .shards import check_token_range, read_manifest, sha256_file, tokenizer_path
+from .shards import tokenizer_path
 
 
 @dataclass
@@ -159,128 +158,55 @@ def format_rate(tokens_per_s):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, quiet=False):
-        self.cfg = cfg.validate()
-        self.quiet = quiet
-        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if self.ddp:
-            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-            if not dist.is_initialized():
-                dist.init_process_group(backend)
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        else:
-            self.rank, self.world = 0, 1
-        self.master = self.rank == 0
-        if cfg.grad_accum % self.world:
-            raise ValueError(f"grad_accum {cfg.grad_accum} must be divisible by the {self.world} ranks")
-        self.micro_steps = cfg.grad_accum // self.world
-
-        device = default_device(cfg.device)
-        if device.type == "cuda" and self.ddp:
-            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-            torch.cuda.set_device(device)
-        self.device = device
-        self.kernels = cfg.kernels or default_kernels(self.device)
-        self.data = cfg.data
-        self.manifest = read_manifest(self.data)
-        self._check_tokenizer()
-
-        init_state = None
-        if cfg.init_from:
-            weights = load_checkpoint(cfg.init_from)  # its shape, not the preset's
-            self.model_cfg, init_state = weights.config, weights.state
-            if self.manifest["vocab_size"] != self.model_cfg.vocab_size:
-                raise ValueError(f"{self.data} was tokenized with {self.manifest['vocab_size']} tokens; "
-                                 f"{cfg.init_from} has a vocabulary of {self.model_cfg.vocab_size}: prepare the data "
-                                 "with the model's tokenizer (tinyfuse prepare --tokenizer MODEL)")
-            theirs = hashlib.sha256(weights.tokenizer).hexdigest() if weights.tokenizer else None
-            if theirs and theirs != self.manifest["tokenizer"]["sha256"] and not cfg.allow_tokenizer_mismatch:
-                raise ValueError(f"{cfg.init_from} carries another tokenizer than {self.data} was prepared with "
-                                 f"(sha256 {theirs[:12]}... vs {self.manifest['tokenizer']['sha256'][:12]}...): the same "
-                                 "ids would mean other tokens. Prepare the data with the checkpoint's tokenizer, or "
-                                 "pass --allow-tokenizer-mismatch")
-        else:
-            self.model_cfg = preset(cfg.preset, **cfg.model)
-            if "vocab_size" not in cfg.model:
-                self.model_cfg.vocab_size = self.manifest["vocab_size"]  # the data sets the vocabulary
-        self.model_cfg.validate()
-        if self.manifest["vocab_size"] > self.model_cfg.vocab_size:
-            raise ValueError(f"the data's vocabulary ({self.manifest['vocab_size']} tokens) is larger than the "
-                             f"model's vocab_size {self.model_cfg.vocab_size}")
-        check_token_range(self.data, ("train", "val"), self.manifest,
-                          min(self.manifest["vocab_size"], self.model_cfg.vocab_size))
-        self.seq_len = cfg.seq_len or self.model_cfg.max_seq_len
-        if self.seq_len > self.model_cfg.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_cfg.max_seq_len}")
-
+    def __init__(self, spec: RunSpec, quiet=False):
+        """A run of `spec` (resolve_run(TrainConfig)): the model on its device with its
+        optimizer and wrappers, the loaders, the step's device tensors, and the run folder
+        held (a second run into it is refused)."""
+        cfg = self.cfg = spec.config
+        self.spec, self.quiet = spec, quiet
+        self.device, self.master, self.model_cfg = spec.device, spec.master, spec.model
+        for note in spec.notes:
+            self._print(note)
         if self.device.type == "cpu" and cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.attention = self._choose_attention()
-        self.model = Transformer(self.model_cfg, kernels=self.kernels, attention=self.attention).to(self.device)
-        if init_state is not None:  # its shapes were checked against its config by load_checkpoint
-            self.model.load_state_dict(init_state)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.model = Transformer(spec.model, kernels=spec.kernels, attention=spec.attention).to(self.device)
+        if spec.init_state is not None:  # its shapes were checked against its config by load_checkpoint
+            self.model.load_state_dict(spec.init_state)
         # The learning rate lives on the device and is rewritten in place each step (lr_at on
         # the host, one fill): a CUDA graph replays the step with the new value, and the
         # optimizer reads it without a host round trip. capturable keeps its step counts
         # on the device too.
         self.lr = torch.tensor(lr_at(0, cfg), device=self.device)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": [p for p in self.model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+             {"params": [p for p in self.model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
             lr=self.lr, betas=(cfg.beta1, cfg.beta2), fused=True,  # one multi-tensor kernel per step, CUDA and CPU
             capturable=self.device.type == "cuda",
         )
-        self.train_model = self.model
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            # The RoPE tables are built on first use; built inside the first compiled call
-            # they would make the second one recompile (a guard on the cached tables).
-            self.model.rope_tables(self.device, self.seq_len)
-            self.train_model = torch.compile(self.train_model)
+        self.train_model = self._wrapped_model()
         self.autocast = autocast(self.device)
         if compute_dtype(self.device) != torch.float32:
             self.use_compute_dtype(compute_dtype(self.device))
         self.graph, self.use_graph, self._graph_steps = None, self._graph_wanted(), 0
         self.graph_error = None  # why the capture failed, when it did
-
-        loader_device = self.device if self.device.type == "cuda" else None
-        self.train_loader = TokenLoader(self.data, "train", cfg.batch_size, self.seq_len, seed=cfg.seed,
-                                        rank=self.rank, world_size=self.world, device=loader_device)
-        # Every rank reads the same val batches and evaluates its share of them, so the val
-        # loss is the same whatever the number of ranks.
-        self.val_loader = TokenLoader(self.data, "val", cfg.batch_size, self.seq_len, shuffle=False,
-                                      device=loader_device)
+        self._open_loaders()
         self.step = 0
         # What a step reads and writes lives in these tensors, updated in place, so that one
         # captured CUDA graph can replay the step: the micro-batches (the loader copies
         # into them), the sum of the losses since the last log line, the last gradient
         # norm, and the counters of non-finite steps in a row and in all; the host reads
         # them on logging steps only.
-        self.batches = torch.empty(self.micro_steps, 2, cfg.batch_size, self.seq_len, dtype=torch.int64,
+        self.batches = torch.empty(spec.micro_steps, 2, cfg.batch_size, spec.seq_len, dtype=torch.int64,
                                    device=self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.grad_norm = torch.zeros((), device=self.device)
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum
-        self.flops_per_token = self.model.flops_per_token(self.seq_len)
-        self.peak_flops = None
-        if self.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.device)
-            peak = cfg.peak_tflops or device_peak_tflops(name)
-            if peak is None:
-                self._print(f"note: no bf16 peak known for {name}; MFU is omitted (give --peak-tflops)")
-            else:
-                self.peak_flops = peak * 1e12 * self.world
+        self.flops_per_token = self.model.flops_per_token(spec.seq_len)
         self.out = cfg.out
         self._stop_signal = None
         try:
@@ -289,6 +215,31 @@ class Trainer:
             self.train_loader.close()
             self.val_loader.close()
             raise
+
+    def _wrapped_model(self):
+        """What the step calls: the model, under DDP and torch.compile when asked for."""
+        model = self.model
+        if self.spec.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(self.model,
+                                            device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            # The RoPE tables are built on first use; built inside the first compiled call
+            # they would make the second one recompile (a guard on the cached tables).
+            self.model.rope_tables(self.device, self.spec.seq_len)
+            model = torch.compile(model)
+        return model
+
+    def _open_loaders(self):
+        spec, cfg = self.spec, self.cfg
+        loader_device = self.device if self.device.type == "cuda" else None
+        self.train_loader = TokenLoader(cfg.data, "train", cfg.batch_size, spec.seq_len, seed=cfg.seed,
+                                        rank=spec.rank, world_size=spec.world, device=loader_device)
+        # Every rank reads the same val batches and evaluates its share of them, so the val
+        # loss is the same whatever the number of ranks.
+        self.val_loader = TokenLoader(cfg.data, "val", cfg.batch_size, spec.seq_len, shuffle=False,
+                                      device=loader_device)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -308,24 +259,8 @@ class Trainer:
             "tokenizer": self._tokenizer_bytes(),
         }
 
-    def _check_tokenizer(self):
-        """Before the first step: the data folder's tokenizer is the one its manifest records
-        (sha256) and parses, so no run trains for hours and then stores garbage in its
-        checkpoints or dies at the end-of-run sample."""
-        path = tokenizer_path(self.data, self.manifest)
-        if path is None or not os.path.isfile(path):
-            return
-        recorded = self.manifest["tokenizer"].get("sha256")
-        if recorded and sha256_file(path) != recorded:
-            raise ValueError(f"{path} is not the tokenizer {self.data} was prepared with (its sha256 differs from "
-                             "the manifest's): re-run tinyfuse prepare, or restore the file")
-        from .sample import load_tokenizer_bytes
-
-        with open(path, "rb") as f:
-            load_tokenizer_bytes(f.read(), path)  # a DataError, one line, for bytes that are not a tokenizer
-
     def _tokenizer_bytes(self):
-        path = tokenizer_path(self.data, self.manifest)
+        path = tokenizer_path(self.cfg.data, self.spec.manifest)
         if path and os.path.isfile(path):
             with open(path, "rb") as f:
                 return f.read()
@@ -393,21 +328,6 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=dtype)
         self.model.keep_working_copies(dtype)
 
-    def _choose_attention(self):
-        """--attention auto: on CUDA, the SDPA backend measured fastest at this run's shape
-        (causal forward + backward); elsewhere SDPA's own choice."""
-        if self.cfg.attention != "auto":
-            return self.cfg.attention
-        if self.device.type != "cuda":
-            return "sdpa"
-        cfg = self.model_cfg
-        best, times, rejected = fastest_sdpa_backend(self.cfg.batch_size, cfg.n_heads, cfg.n_kv_heads,
-                                                     self.seq_len, cfg.head_dim, self.device, compute_dtype(self.device))
-        self._print(f"attention: {best} (causal forward + backward, "
-                    + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items())
-                    + "".join(f"; {name} not used: {why}" for name, why in rejected.items()) + ")")
-        return best
-
     def _graph_wanted(self):
         """Whether the step is captured as a CUDA graph; a line says why not when it was asked for
         or would be the default."""
@@ -418,7 +338,7 @@ class Trainer:
             if wanted:
                 self._print("note: --cuda-graph needs a CUDA device; the step runs without one")
             return False
-        if self.ddp:
+        if self.spec.ddp:
             self._print("note: no CUDA graph under DDP (its gradient buckets are reduced from the host); "
                         "the step runs without one")
             return False
@@ -434,12 +354,12 @@ class Trainer:
         and state untouched)."""
         model = self.train_model
         total = torch.zeros((), device=self.device)
-        for micro in range(self.micro_steps):
+        for micro in range(self.spec.micro_steps):
             x, y = self.batches[micro]
-            sync = not self.ddp or micro == self.micro_steps - 1
+            sync = not self.spec.ddp or micro == self.spec.micro_steps - 1
             context = model.no_sync() if not sync else contextlib.nullcontext()
             with context, self.autocast:
-                loss = model(x, y) / self.micro_steps
+                loss = model(x, y) / self.spec.micro_steps
             loss.backward()
             total += loss.detach()
         self.finish_update(total)
@@ -447,7 +367,7 @@ class Trainer:
     def finish_update(self, total):
         """The part of the step after the last backward (`total`: the step's loss): what the
         step benchmark times as its optimizer phase."""
-        if self.ddp:
+        if self.spec.ddp:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
@@ -471,7 +391,7 @@ class Trainer:
         initialisation, autotuning, compilation), the next one is captured, and every
         later step replays it."""
         self.lr.fill_(lr_at(self.step, self.cfg))
-        for micro in range(self.micro_steps):
+        for micro in range(self.spec.micro_steps):
             self.train_loader.read_into(*self.batches[micro])
         if self.graph is not None:
             self.graph.replay()
@@ -521,10 +441,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for k in range(self.cfg.eval_batches):
             x, y = next(self.val_loader)
-            if k % self.world == self.rank:
+            if k % self.spec.world == self.spec.rank:
                 with self.autocast:
                     total += self.model(x.to(self.device), y.to(self.device))
-        if self.ddp:
+        if self.spec.ddp:
             dist.all_reduce(total)
         self.model.train()
         return total.item() / self.cfg.eval_batches
@@ -558,13 +478,13 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last:
                     self.check_bad_steps()
                     elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * self.tokens_per_step / elapsed  # steady state: steps only
+                    tokens_per_s = window_steps * self.spec.tokens_per_step / elapsed  # steady state: steps only
                     record = {"step": self.step, "loss": mean_loss(), "lr": lr_at(self.step - 1, cfg),
                               "grad_norm": self.grad_norm.item(), "tokens_per_s": tokens_per_s,
                               # what the user gets: evaluation and checkpoints included
-                              "wall_tokens_per_s": (self.step - fit_step) * self.tokens_per_step
+                              "wall_tokens_per_s": (self.step - fit_step) * self.spec.tokens_per_step
                               / (time.perf_counter() - fit_start),
-                              "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
+                              "mfu": mfu(tokens_per_s, self.flops_per_token, self.spec.peak_flops),
                               "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
                               if self.device.type == "cuda" else None, "skipped_steps": self.skipped_steps}
                     if self.step % cfg.eval_every == 0 or last:
@@ -573,7 +493,7 @@ class Trainer:
                     self.loss_sum.zero_()
                 # after a log step's line, which stands for its progress line too
                 logged = self.step % cfg.log_every == 0 or last
-                rate = lambda: window_steps * self.tokens_per_step / (time.perf_counter() - window_start)  # noqa: E731
+                rate = lambda: window_steps * self.spec.tokens_per_step / (time.perf_counter() - window_start)  # noqa: E731
                 self.progress.update(None if logged else lambda: f"loss {mean_loss():.4f}  {format_rate(rate())} tok/s")
                 if self.step % cfg.ckpt_every == 0 or last:
                     self.save()

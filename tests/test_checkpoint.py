@@ -13,6 +13,7 @@ from helpers import rel_err, run_cli
 from tinyfuse.engine import data
 from tinyfuse.engine.checkpoint import CheckpointError, Weights, export, load_checkpoint
 from tinyfuse.engine.model import ModelConfig, Transformer
+from tinyfuse.engine.run_spec import resolve_run
 from tinyfuse.engine.train import TrainConfig, Trainer
 
 
@@ -372,7 +373,7 @@ def test_finetune_from_llama2c_and_export_back(stories260k, tok512, shared_data,
     settings = dict(init_from=stories260k, data=prepared, out=out, device="cpu", batch_size=8, seq_len=256,
                     max_steps=40, lr=5e-4, min_lr=5e-5, warmup_steps=5, log_every=1, eval_every=10, eval_batches=4,
                     ckpt_every=40, sample_tokens=0)
-    trainer = Trainer(TrainConfig(**settings), quiet=True)
+    trainer = Trainer(resolve_run(TrainConfig(**settings)), quiet=True)
     start_val = trainer.evaluate()
     trainer.close()  # a live trainer holds the run folder
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]

@@ -20,6 +20,7 @@ from tinyfuse.engine.checkpoint import (NATIVE_KIND, CheckpointError, load_check
 from tinyfuse.engine.files import FileError, FolderLock
 from tinyfuse.engine.loader import TokenLoader
 from tinyfuse.engine.shards import DataError, read_manifest, split_shards
+from tinyfuse.engine.run_spec import resolve_run
 from tinyfuse.engine.train import Trainer
 
 
@@ -38,7 +39,7 @@ def config(prepared, out, **changes):
 @pytest.fixture(scope="module")
 def run(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    Trainer(config(prepared, out), quiet=True).fit()
+    Trainer(resolve_run(config(prepared, out)), quiet=True).fit()
     return str(out)
 
 
@@ -81,7 +82,7 @@ def test_resume_refuses_code_too(run, prepared, tmp_path):
     state = torch.load(newest, weights_only=True)
     state["extra"] = RunsCode(tmp_path / "ran")
     torch.save(state, newest)
-    trainer = Trainer(config(prepared, out), quiet=True)
+    trainer = Trainer(resolve_run(config(prepared, out)), quiet=True)
     trainer.resume()  # falls back to the intact checkpoint before it
     trainer.close()
     assert trainer.step == 2 and not (tmp_path / "ran").exists()
@@ -202,7 +203,7 @@ def test_the_kv_cache_is_sized_by_the_tokens_asked_for(run):
 # ---------------------------------------------------------------- 5. rotation by step number
 
 def test_rotation_orders_checkpoints_by_step(prepared, tmp_path):
-    trainer = Trainer(config(prepared, tmp_path, keep_checkpoints=2), quiet=True)
+    trainer = Trainer(resolve_run(config(prepared, tmp_path, keep_checkpoints=2)), quiet=True)
     for step in (999_998, 999_999, 1_000_000, 1_000_001):
         trainer.step = step
         trainer.save()
@@ -254,7 +255,7 @@ def test_resume_drops_a_torn_metrics_line(run, prepared, tmp_path):
     shutil.copytree(run, out)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.2')  # the disk filled mid-line
-    trainer = Trainer(config(prepared, out, max_steps=6), quiet=True)
+    trainer = Trainer(resolve_run(config(prepared, out, max_steps=6)), quiet=True)
     trainer.resume()
     trainer.fit()
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
@@ -263,7 +264,7 @@ def test_resume_drops_a_torn_metrics_line(run, prepared, tmp_path):
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(run, prepared, tmp_path, monkeypatch):
     out = tmp_path / "r"
     shutil.copytree(run, out)
-    trainer = Trainer(config(prepared, out, max_steps=6), quiet=True)
+    trainer = Trainer(resolve_run(config(prepared, out, max_steps=6)), quiet=True)
     trainer.resume()
     before = run_checkpoints(str(out))
 

@@ -14,6 +14,7 @@ from helpers import TINY_MODEL, metrics, rel_err, run_cli, tiny_run, gpu_only
 from tinyfuse.engine import data
 from tinyfuse.engine.sample import generate, pick
 from tinyfuse.engine.runtime import device_peak_tflops
+from tinyfuse.engine.run_spec import resolve_run
 from tinyfuse.engine.train import TrainConfig, Trainer, lr_at
 
 
@@ -26,7 +27,7 @@ def prepared(tmp_path_factory):
 
 
 def test_loss_falls_and_run_folder(prepared, tmp_path):
-    Trainer(tiny_run(prepared, tmp_path, max_steps=40, eval_every=20), quiet=True).fit()
+    Trainer(resolve_run(tiny_run(prepared, tmp_path, max_steps=40, eval_every=20)), quiet=True).fit()
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 41))
     for r in records:
@@ -44,12 +45,12 @@ def test_loss_falls_and_run_folder(prepared, tmp_path):
 
 def test_resume_is_bit_exact_on_cpu(prepared, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    Trainer(tiny_run(prepared, whole), quiet=True).fit()
+    Trainer(resolve_run(tiny_run(prepared, whole)), quiet=True).fit()
     resumed.mkdir()
     shutil.copy(whole / "ckpt_000006.pt", resumed)
     with open(whole / "metrics.jsonl") as f, open(resumed / "metrics.jsonl", "w") as g:
         g.writelines(f.readlines())  # lines past the checkpoint, as a crashed run leaves them
-    trainer = Trainer(tiny_run(prepared, resumed), quiet=True)
+    trainer = Trainer(resolve_run(tiny_run(prepared, resumed)), quiet=True)
     trainer.resume()
     assert trainer.step == 6
     trainer.fit()
@@ -93,7 +94,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(prepared, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_abort(prepared, tmp_path):
-    trainer = Trainer(tiny_run(prepared, tmp_path, max_bad_steps=3, max_steps=50), quiet=True)
+    trainer = Trainer(resolve_run(tiny_run(prepared, tmp_path, max_bad_steps=3, max_steps=50)), quiet=True)
     with torch.no_grad():
         trainer.model.layers[0].attention_norm.fill_(float("nan"))
     before = {n: p.clone() for n, p in trainer.model.named_parameters()}
@@ -127,9 +128,9 @@ def test_configuration_errors_stop_before_work(prepared, tmp_path, flags, messag
 def test_missing_data_and_other_shape_checkpoint(prepared, tmp_path):
     result = run_cli("train", "--data", str(tmp_path / "none"), "--device", "cpu")
     assert result.returncode == 2 and "tinyfuse prepare" in result.stderr
-    Trainer(tiny_run(prepared, tmp_path / "a", max_steps=1), quiet=True).fit()
+    Trainer(resolve_run(tiny_run(prepared, tmp_path / "a", max_steps=1)), quiet=True).fit()
     with pytest.raises(ValueError, match="another model shape.*dim 32 vs 48"):
-        Trainer(tiny_run(prepared, tmp_path / "a", model={**TINY_MODEL, "dim": 48}), quiet=True).resume()
+        Trainer(resolve_run(tiny_run(prepared, tmp_path / "a", model={**TINY_MODEL, "dim": 48})), quiet=True).resume()
 
 
 def test_toml_config_and_flags(prepared, tmp_path):
@@ -185,7 +186,7 @@ def test_sampling(prepared, tmp_path):
     assert {pick(logits, 1.0, 0.5, g) for _ in range(50)} == {1}, "top_p 0.5 keeps only the top token here"
     assert {pick(logits, 1.0, 1.0, g) for _ in range(200)} >= {1, 3}
 
-    trainer = Trainer(tiny_run(prepared, tmp_path, max_steps=30), quiet=True)
+    trainer = Trainer(resolve_run(tiny_run(prepared, tmp_path, max_steps=30)), quiet=True)
     trainer.fit()
     model = trainer.model
     a = generate(model, [1], 30, temperature=1.0, seed=3)
@@ -207,8 +208,8 @@ def test_sampling(prepared, tmp_path):
 
 def test_clipping_through_the_optimizer_equals_clip_grad_norm(prepared, tmp_path):
     """grad_scale = max(1, norm / clip) inside the fused AdamW is clip_grad_norm_'s scaling."""
-    a = Trainer(tiny_run(prepared, tmp_path / "a", grad_clip=0.05, lr=1e-2), quiet=True)
-    b = Trainer(tiny_run(prepared, tmp_path / "b", grad_clip=0.05, lr=1e-2), quiet=True)
+    a = Trainer(resolve_run(tiny_run(prepared, tmp_path / "a", grad_clip=0.05, lr=1e-2)), quiet=True)
+    b = Trainer(resolve_run(tiny_run(prepared, tmp_path / "b", grad_clip=0.05, lr=1e-2)), quiet=True)
     a.train_step()
     x, y = next(b.train_loader)
     b.model(x, y).backward()
@@ -225,8 +226,8 @@ def test_bf16_step_with_working_copies(prepared, tmp_path):
     """The GPU's step run on the CPU: bf16 autocast and working copies. The copies equal the
     masters after every update (a skipped one too), and the losses follow those of autocast's
     own casts (the same bf16 forward; float32 weight gradients instead of bf16-rounded ones)."""
-    a = Trainer(tiny_run(prepared, tmp_path / "a", kernels="torch"), quiet=True)
-    b = Trainer(tiny_run(prepared, tmp_path / "b", kernels="torch"), quiet=True)
+    a = Trainer(resolve_run(tiny_run(prepared, tmp_path / "a", kernels="torch")), quiet=True)
+    b = Trainer(resolve_run(tiny_run(prepared, tmp_path / "b", kernels="torch")), quiet=True)
     a.use_compute_dtype(torch.bfloat16)
     b.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     copies, masters = a.model._working
@@ -251,8 +252,8 @@ def test_attention_backends(prepared, tmp_path):
 
     losses = {}
     for attention in ("sdpa", "math", "flash", "auto"):
-        trainer = Trainer(tiny_run(prepared, tmp_path / attention, attention=attention, max_steps=2), quiet=True)
-        assert trainer.attention == ("sdpa" if attention == "auto" else attention), "auto: SDPA's choice on CPU"
+        trainer = Trainer(resolve_run(tiny_run(prepared, tmp_path / attention, attention=attention, max_steps=2)), quiet=True)
+        assert trainer.spec.attention == ("sdpa" if attention == "auto" else attention), "auto: SDPA's choice on CPU"
         trainer.fit()
         losses[attention] = [r["loss"] for r in metrics(tmp_path / attention)]
     for attention in ("math", "flash", "auto"):
@@ -289,7 +290,7 @@ def test_compiled_step_compiles_once(prepared, tmp_path):
     import torch._dynamo
 
     torch._dynamo.reset()
-    trainer = Trainer(tiny_run(prepared, tmp_path, compile=True, max_steps=3), quiet=True)
+    trainer = Trainer(resolve_run(tiny_run(prepared, tmp_path, compile=True, max_steps=3)), quiet=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
             trainer.train_step()
@@ -298,7 +299,7 @@ def test_compiled_step_compiles_once(prepared, tmp_path):
 
 
 def test_cuda_graph_flag_on_cpu_says_it_is_off(prepared, tmp_path, capsys):
-    trainer = Trainer(tiny_run(prepared, tmp_path, cuda_graph=True, max_steps=2))
+    trainer = Trainer(resolve_run(tiny_run(prepared, tmp_path, cuda_graph=True, max_steps=2)))
     assert not trainer.use_graph
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().out
     trainer.close()
@@ -313,9 +314,9 @@ def test_cuda_graph_step_equals_the_eager_step(prepared, tmp_path, compile):
     runs = {}
     for graph in (False, True):
         out = tmp_path / f"graph{graph}"
-        trainer = Trainer(tiny_run(prepared, out, device="cuda", kernels="triton", cuda_graph=graph, compile=compile,
+        trainer = Trainer(resolve_run(tiny_run(prepared, out, device="cuda", kernels="triton", cuda_graph=graph, compile=compile,
                                    attention="sdpa",  # the same backend in both runs (auto measures)
-                                   max_steps=10, grad_accum=2, eval_every=5), quiet=True)
+                                   max_steps=10, grad_accum=2, eval_every=5)), quiet=True)
         trainer.fit()
         assert (trainer.graph is not None) == graph
         runs[graph] = metrics(out), {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
