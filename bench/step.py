@@ -19,7 +19,8 @@ and stories110M 16 x 1024): forward with the loader's targets as shift_labels (s
 predict the same tokens), backward, clip_grad_norm_, fused AdamW. Tokens/s comes from the
 median of whole steps, each timed end to end (one synchronisation per step); the
 breakdown (data, forward, backward, optimizer; medians) from separate eager steps
-synchronised between phases (for tinyfuse the trainer's phases, run without the graph).
+synchronised between phases (for tinyfuse the trainer's own step, Trainer.train_step(mark),
+which runs the graph's work eagerly: every micro-batch, the optimizer as the trainer runs it).
 MFU is the engine's: tokens/s x model.flops_per_token(T) (PaLM's 6N + 12 L H Q T, the same
 count for the Hugging Face rows) over the device's dense bf16 peak.
 """
@@ -36,7 +37,7 @@ from tinyfuse.engine.loader import TokenLoader
 from tinyfuse.engine.model import PRESETS, Transformer, preset
 from tinyfuse.engine.runtime import autocast, device_peak_tflops, keep_checkout_off_path, mfu
 from tinyfuse.engine.run_spec import resolve_run
-from tinyfuse.engine.train import TrainConfig, Trainer
+from tinyfuse.engine.train import PHASES, TrainConfig, Trainer
 
 from .kernels import STEP_TOKENS
 from .loader import make_corpus
@@ -113,36 +114,37 @@ def hf_model(cfg, patch, model="transformers"):
     return built
 
 
-PHASES = ("data", "forward", "backward", "optimizer")
+class _PhaseClock:
+    """mark(phase) as each phase ends: the synchronised time since the previous mark goes to
+    that phase, summed within the step (forward and backward once per micro-batch)."""
 
+    def __init__(self, device):
+        self.device, self.spent, self.last = device, dict.fromkeys(PHASES, 0.0), _now(device)
 
-def _record_phases(times, marks):
-    """Append each phase's ms to times; marks: the synchronised clock readings around them."""
-    for key, a, b in zip(PHASES, marks, marks[1:]):
-        times[key].append((b - a) * 1e3)
+    def __call__(self, phase):
+        now = _now(self.device)
+        self.spent[phase] += now - self.last
+        self.last = now
+
+    def record(self, times):
+        for phase, seconds in self.spent.items():
+            times[phase].append(seconds * 1e3)
 
 
 def _tinyfuse_step(name, kernels, compile, graph, device, batch, seq_len, corpus_dir, run_dir):
-    """(trainer, step(times=None)): the trainer's step, and its phases timed one by one."""
-    trainer = Trainer(resolve_run(TrainConfig(preset=name, data=corpus_dir, out=run_dir, batch_size=batch, seq_len=seq_len,
-                                  device=device, kernels=kernels, compile=compile, cuda_graph=graph, lr=1e-4,
-                                  warmup_steps=0, max_steps=1 << 30, sample_tokens=0)), quiet=True)
+    """(trainer, step(times=None)): the trainer's step; with times, the same step timed phase
+    by phase (Trainer.train_step's marks: every micro-batch, the optimizer as the trainer runs it)."""
+    trainer = Trainer(resolve_run(TrainConfig(preset=name, data=corpus_dir, out=run_dir, batch_size=batch,
+                                              seq_len=seq_len, device=device, kernels=kernels, compile=compile,
+                                              cuda_graph=graph, lr=1e-4, warmup_steps=0, max_steps=1 << 30,
+                                              sample_tokens=0)), quiet=True)
 
     def step(times=None):
         if times is None:
             return trainer.train_step()
-        marks = [_now(device)]
-        x, y = trainer.batches[0]
-        trainer.train_loader.read_into(x, y)
-        marks.append(_now(device))
-        with trainer.autocast:
-            loss = trainer.train_model(x, y)
-        marks.append(_now(device))
-        loss.backward()
-        marks.append(_now(device))
-        trainer.finish_update(loss.detach())
-        marks.append(_now(device))
-        _record_phases(times, marks)
+        clock = _PhaseClock(device)
+        trainer.train_step(mark=clock)
+        clock.record(times)
     return trainer, step
 
 
@@ -159,24 +161,22 @@ def _hf_step(cfg, model_kind, patch, compile, device, batch, seq_len, corpus_dir
     loader = TokenLoader(corpus_dir, "train", batch, seq_len, seed=0, device=device if cuda else None)
 
     def step(times=None):
-        marks = []
-        mark = (lambda: marks.append(_now(device))) if times is not None else (lambda: None)
-        mark()
+        clock = _PhaseClock(device) if times is not None else (lambda phase: None)
         x, y = next(loader)
         x, y = x.to(device), y.to(device)
-        mark()
+        clock("data")
         with autocast(device):
             loss = forward(x, y)
-        mark()
+        clock("forward")
         loss.backward()
         loss_sum.add_(loss.detach().float())
-        mark()
+        clock("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        mark()
+        clock("optimizer")
         if times is not None:
-            _record_phases(times, marks)
+            clock.record(times)
     return loader, step
 
 

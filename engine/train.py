@@ -118,6 +118,12 @@ class TrainConfig:
 
 
 GRAPH_WARMUP = 3  # eager steps before the capture: lazy state, autotuning and compilation happen there
+# A step's phases, in order (forward and backward once per micro-batch), as train_step(mark) names them.
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def _no_mark(phase):
+    pass
 
 
 def lr_at(step, cfg):
@@ -344,14 +350,15 @@ class Trainer:
             return False
         return True
 
-    def _update(self):
+    def _update(self, mark=None):
         """The optimizer step from the micro-batches in self.batches: forward and backward of
         each, the gradient norm, the fused AdamW, the working copies and the counters. Every
         tensor it leaves behind is updated in place, and it reads nothing from the host, so
         it can be captured once and replayed: the loss and the gradient norm stay on the
         device, the clip factor reaches the fused AdamW as its grad_scale, and a step whose
         loss or norm is not finite is skipped by the optimizer itself (found_inf: parameters
-        and state untouched)."""
+        and state untouched). mark(phase), when given, is called as each phase ends."""
+        mark = mark or _no_mark
         model = self.train_model
         total = torch.zeros((), device=self.device)
         for micro in range(self.spec.micro_steps):
@@ -360,13 +367,15 @@ class Trainer:
             context = model.no_sync() if not sync else contextlib.nullcontext()
             with context, self.autocast:
                 loss = model(x, y) / self.spec.micro_steps
+            mark("forward")
             loss.backward()
             total += loss.detach()
-        self.finish_update(total)
+            mark("backward")
+        self._finish_update(total)
+        mark("optimizer")
 
-    def finish_update(self, total):
-        """The part of the step after the last backward (`total`: the step's loss): what the
-        step benchmark times as its optimizer phase."""
+    def _finish_update(self, total):
+        """The part of the step after the last backward (`total`: the step's loss)."""
         if self.spec.ddp:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -384,16 +393,20 @@ class Trainer:
         self.grad_norm.copy_(norm)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def train_step(self):
+    def train_step(self, mark=None):
         """One optimizer step over grad_accum micro-batches, with no host synchronisation
         (check_bad_steps() and the log read the device counters on logging steps). With
         CUDA graphs, the first GRAPH_WARMUP steps run as they are on a side stream (lazy
         initialisation, autotuning, compilation), the next one is captured, and every
-        later step replays it."""
+        later step replays it. mark(phase) (the step benchmark's clock): called as each of
+        the phases PHASES ends, the step then run eagerly (the same work a replay does)."""
         self.lr.fill_(lr_at(self.step, self.cfg))
         for micro in range(self.spec.micro_steps):
             self.train_loader.read_into(*self.batches[micro])
-        if self.graph is not None:
+        if mark is not None:
+            mark("data")
+            self._update(mark)
+        elif self.graph is not None:
             self.graph.replay()
         elif not self.use_graph:
             self._update()

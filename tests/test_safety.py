@@ -292,6 +292,18 @@ def test_a_second_run_into_the_same_folder_is_refused(prepared, tmp_path):
     assert run_cli("train", "--data", prepared, "--out", str(tmp_path), "--device", "cpu", *flags()).returncode == 0
 
 
+def test_a_folder_holding_a_run_is_refused_before_anything_is_built(prepared, tmp_path):
+    """Without --resume, an --out holding checkpoints is refused first: the data folder
+    (here one that does not exist) is never read, no model is built, nothing is written."""
+    (tmp_path / "ckpt_000010.pt").write_bytes(b"a run's checkpoint")
+    before = sorted(os.listdir(tmp_path))
+    result = run_cli("train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path), "--device", "cpu", *flags())
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tinyfuse train: {tmp_path} already holds checkpoints: pass --resume to continue it, or another --out"]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 # ---------------------------------------------------------------- 8. the loader closed under a reader
 
 def test_close_while_another_thread_waits_in_next(prepared):

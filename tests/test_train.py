@@ -15,7 +15,7 @@ from tinyfuse.engine import data
 from tinyfuse.engine.sample import generate, pick
 from tinyfuse.engine.runtime import device_peak_tflops
 from tinyfuse.engine.run_spec import resolve_run
-from tinyfuse.engine.train import TrainConfig, Trainer, lr_at
+from tinyfuse.engine.train import PHASES, TrainConfig, Trainer, lr_at
 
 
 
@@ -378,3 +378,24 @@ def test_two_first_runs_at_once_share_the_corpus_cache(tmp_path):
         assert run.returncode == 0, err
     assert sum("preparing the built-in synthetic corpus" in out for out, _ in outputs) == 1
     assert run_cli("prepare", "--verify", str(tmp_path / "cache" / "tinyfuse" / "synthetic-512")).returncode == 0
+
+
+def test_the_step_timed_phase_by_phase_is_the_trainers_step(prepared, tmp_path):
+    """train_step(mark), the step benchmark's breakdown, runs the trainer's own step: every
+    phase of every micro-batch in order, and parameters bit-equal to unmarked steps'. So the
+    benchmark's phases add up to the step its rows time (the graph replays this work)."""
+    plain, timed = (Trainer(resolve_run(tiny_run(prepared, tmp_path / name, grad_accum=2)), quiet=True)
+                    for name in ("plain", "timed"))
+    marks = []
+    try:
+        for _ in range(2):
+            plain.train_step()
+            timed.train_step(mark=marks.append)
+        assert marks == ["data", "forward", "backward", "forward", "backward", "optimizer"] * 2
+        assert set(marks) == set(PHASES)
+        for (name, p), q in zip(plain.model.named_parameters(), timed.model.parameters()):
+            assert torch.equal(p, q), name
+        assert torch.equal(plain.loss_sum, timed.loss_sum)
+    finally:
+        plain.close()
+        timed.close()
