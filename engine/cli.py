@@ -355,9 +355,7 @@ def _check(args):
     return 1 if failed else 0
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="tinyfuse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_prepare_command(sub):
     from .data import DEFAULT_SHARD_TOKENS, HUB_URL
 
     p = sub.add_parser("prepare", help="tokenize a corpus into shards of raw tokens (or --verify a prepared folder)")
@@ -383,7 +381,9 @@ def build_parser():
                    help="write into a non-empty --out that holds other files (only the dataset's own files are replaced)")
     p.set_defaults(func=prepare)
 
-    from .model import ModelConfig
+
+def _add_train_command(sub):
+    from .model import ModelConfig, preset
     from .settings import add_dataclass_flags
     from .train import TrainConfig
 
@@ -392,8 +392,6 @@ def build_parser():
                                    "then from the flags, which win.")
     p.add_argument("--config", help="a TOML file of training settings")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    from .model import preset
-
     add_dataclass_flags(p, TrainConfig, "training")
     default_preset = TrainConfig.preset
     model_defaults = {**preset(default_preset).to_dict(), "vocab_size": None}  # the data's
@@ -401,6 +399,8 @@ def build_parser():
                          f"default: {default_preset}'s")
     p.set_defaults(func=train)
 
+
+def _add_sample_command(sub):
     p = sub.add_parser("sample", help="generate a story from a checkpoint")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help="a SentencePiece .model (default: the one the checkpoint carries)")
@@ -413,6 +413,8 @@ def build_parser():
     _add_model_flags(p)
     p.set_defaults(func=sample)
 
+
+def _add_eval_command(sub):
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint over held-out stories")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help="a SentencePiece .model (default: the checkpoint's, or the data folder's)")
@@ -423,6 +425,8 @@ def build_parser():
     _add_model_flags(p)
     p.set_defaults(func=evaluate)
 
+
+def _add_export_command(sub):
     from .checkpoint import FORMATS
 
     p = sub.add_parser("export", help="write a checkpoint as llama2.c v0/v1 .bin or a Hugging Face folder")
@@ -433,6 +437,12 @@ def build_parser():
     p.add_argument("--tokenizer", help="the SentencePiece .model to put in an hf folder (default: the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace an existing --out (a file, or a folder's files)")
     p.set_defaults(func=export)
+
+
+def _add_bench_command(sub):
+    from tinyfuse.bench.step import ROW_NAMES
+
+    from .model import PRESETS
 
     p = sub.add_parser("bench", help="benchmark kernels, the training step and the loader; or compare two runs",
                        description="tinyfuse bench [--smoke] [--only SECTION ...] [--ops OP ...] [--presets NAME ...] "
@@ -446,10 +456,7 @@ def build_parser():
     p.add_argument("--ops", nargs="+", metavar="OP", help="these kernels only (rms_norm, add_rms_norm, "
                                                         "gemma_rms_norm, rope, swiglu, geglu, cross_entropy, "
                                                         "softcap_cross_entropy, linear_cross_entropy)")
-    from .model import PRESETS as _presets
-    from tinyfuse.bench.step import ROW_NAMES
-
-    p.add_argument("--presets", nargs="+", choices=list(_presets),
+    p.add_argument("--presets", nargs="+", choices=list(PRESETS),
                    help="the presets whose shapes the kernels and the step run (default: all)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="leave out the kernels' bandwidth sweep")
     p.add_argument("--step-rows", nargs="+", metavar="ROW", choices=ROW_NAMES,
@@ -466,6 +473,8 @@ def build_parser():
     p.add_argument("--arch", default="90", help="with --static: compute capabilities, comma-separated (default: 90)")
     p.set_defaults(func=bench)
 
+
+def _add_check_command(sub):
     p = sub.add_parser("check", help="check every kernel against its float64 reference on this machine",
                        description="Each op's forward and backward against the float64 evaluation of its reference "
                                    "(tinyfuse.kernels.reference) on fresh random inputs, held to the tests' "
@@ -486,6 +495,14 @@ def build_parser():
                         "MODULE is importable from here or a .py file")
     p.add_argument("--json", action="store_true", help="print one JSON object of every case (the lines go to stderr)")
     p.set_defaults(func=check)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tinyfuse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_prepare_command, _add_train_command, _add_sample_command, _add_eval_command,
+                        _add_export_command, _add_bench_command, _add_check_command):
+        add_command(sub)
     return parser
 
 
