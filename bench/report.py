@@ -230,6 +230,37 @@ def write(results, out_dir):
     return [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")] + plots(results, out_dir)
 
 
+# ---------------------------------------------------------------- the static report
+
+def static_table(result):
+    """The terminal table: one line per architecture, op, pass and shape, the worst launch's
+    figures."""
+    lines = [f"{'arch':<6}{'op':<22}{'pass':<9}{'group':<13}{'bytes/min':>10}{'regs':>6}{'spill':>7}{'blk/SM':>7}"
+             f"{'waves':>8}{'last':>6}  global accesses (bits: count)"]
+    for r in sorted(result["kernels"], key=lambda r: result["arch"].index(r["arch"])):  # the order asked for
+        if not r["launches"]:
+            continue
+        worst = max(r["launches"], key=lambda launch: launch["registers"] or 0)
+        access = " ".join(f"{k}:{v}" for k, v in sorted(worst["global"].items()))
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        lines.append(f"sm_{r['arch']:<3}{r['op']:<22}{r['pass']:<9}{r['group']:<13}{ratio:>10}{worst['registers']:>6}"
+                     f"{worst['local_bytes']:>7}{worst['blocks_per_sm']:>7}{worst['waves']:>8.2f}"
+                     f"{worst['last_wave_busy']:>6.2f}  {access}")
+    for s in result["steps"]:
+        lines.append(f"step {s['preset']}: {s['launches']} launches ({s['triton_launches']} Triton), "
+                     f"{len(s['syncs'])} host syncs, {len(s['casts'])} casts, {len(s['concats'])} concatenations, "
+                     f"{s['allocated_bytes'] / 1e6:.1f} MB allocated")
+    return "\n".join(lines)
+
+
+def write_static(result, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "static.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return path
+
+
 # ---------------------------------------------------------------- compare
 
 def _indexed(results):

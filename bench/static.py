@@ -1,4 +1,6 @@
-"""`tinyfuse bench --static`: what every kernel costs on a GPU, read without one.
+"""`tinyfuse bench --static`: what every kernel costs on a GPU, read without one. This
+module drives the report; `recording` records an op's launches and aten ops, `cubin`
+compiles and reads each launch, `report.static_table` prints the result.
 
 Each op runs its real launch path (the same block sizes, warps, rows per program and grid
 as a training step would pick) on CPU tensors, with every Triton launch recorded instead of
@@ -42,319 +44,18 @@ static.json:
            "casts": [{"op", "from", "to", "bytes", "line"}], "concats": [{"bytes", "line"}],
            "allocated_bytes"}
 """
-import functools
-import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
-# SMs and shared memory per SM (the other per-SM limits are kernels._launch.blocks_per_sm's).
-ARCHS = {
-    90: {"name": "sm_90 (H100)", "sms": 132, "smem": 228 * 1024},
-    80: {"name": "sm_80 (A100)", "sms": 108, "smem": 164 * 1024},
-}
-
-
-# ---------------------------------------------------------------- recording launches
-
-@contextmanager
-def recorded_launches(arch=90, zero=False):
-    """Triton launches recorded as (kernel, grid, args, kwargs) and not executed; CPU
-    tensors stand in for device ones, and launch sizes are chosen for sm_<arch>'s SMs.
-    zero: every tensor a launch touches is zeroed instead, so a training step that reads
-    the results (a finite loss, a gradient norm) goes on as it would."""
-    from torch.utils._python_dispatch import _disable_current_modes
-    from triton.runtime import jit
-
-    from tinyfuse.kernels import _launch
-
-    launches = []
-
-    def record(self, *args, grid, warmup, **kwargs):
-        # Kept as aliases (same storage, offset, strides): holding the tensors themselves
-        # would make autograd copy a gradient it could otherwise take as it is.
-        with _disable_current_modes():
-            kept = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        launches.append((self, grid, kept, kwargs))
-        if zero:
-            with _disable_current_modes(), torch.no_grad():
-                for a in args:
-                    if isinstance(a, torch.Tensor) and a.is_floating_point():
-                        # through an alias with its own version counter: autograd must not see it
-                        torch.empty(0, dtype=a.dtype).set_(a.untyped_storage(), a.storage_offset(), a.shape,
-                                                           a.stride()).zero_()
-
-    def resident_blocks(fn, args, kwargs):
-        usage, _, _, num_warps = compile_launch(fn, args, kwargs, arch)
-        return occupancy(usage, num_warps, arch)
-
-    saved = jit.JITFunction.run, _launch.RECORDING_SMS, _launch.RECORDING_OCCUPANCY
-    jit.JITFunction.run, _launch.RECORDING, _launch.RECORDING_SMS = record, True, ARCHS[arch]["sms"]
-    _launch.RECORDING_OCCUPANCY = resident_blocks
-    try:
-        yield launches
-    finally:
-        (jit.JITFunction.run, _launch.RECORDING_SMS, _launch.RECORDING_OCCUPANCY), _launch.RECORDING = saved, False
-
-
-def _storage_key(t):
-    return t.untyped_storage().data_ptr(), t.data_ptr(), tuple(t.shape), tuple(t.stride())
-
-
-def tensor_bytes(t):
-    """Bytes a kernel reads or writes of a tensor argument: its elements' extent."""
-    return t.numel() * t.element_size()
-
-
-def distinct_bytes(values):
-    """Bytes of the tensors among values, a tensor passed twice (the same view) counted once."""
-    seen, moved = set(), 0
-    for t in values:
-        if isinstance(t, torch.Tensor) and _storage_key(t) not in seen:
-            seen.add(_storage_key(t))
-            moved += tensor_bytes(t)
-    return moved
-
-
-_SYNC_CALLS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-_FREE = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
-         "aten.new_empty.default", "aten.new_empty_strided.default", "aten.detach.default", "aten.lift_fresh.default"}
-_RUN_REAL = {"aten.reshape.default", "aten.contiguous.default", "aten._unsafe_view.default"}
-_DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default", "aten._unique2.default"}
-
-
-def _tinyfuse_line():
-    """file:line of the innermost tinyfuse frame that is not this module."""
-    here = os.path.abspath(__file__)
-    root = os.path.dirname(os.path.dirname(here))
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        path = os.path.abspath(frame.filename)
-        if path != here and path.startswith(root + os.sep) and "/tests/" not in path:
-            return f"{os.path.relpath(path, root)}:{frame.lineno}"
-    return "outside tinyfuse"
-
-
-def _to_meta(x):
-    return x.to("meta") if isinstance(x, torch.Tensor) else x
-
-
-def _empty_like_meta(m, zero=False):
-    if isinstance(m, torch.Tensor):
-        t = torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device="cpu")
-        return t.zero_() if zero else t
-    return m
-
-
-SMALL = 1 << 16  # ops on tensors of at most this many elements are run for real: their values can matter
-
-
-class Account(TorchDispatchMode):
-    """Records every aten op (and runs none that move data: their outputs are empty tensors
-    shaped on the meta device); runs tinyfuse's custom ops' own Python, so the launches and
-    the torch ops inside them are recorded too."""
-
-    def __init__(self, zero=False):
-        super().__init__()
-        self.zero = zero  # fake outputs are zeros (a training step reads some of them)
-        self.ops = []  # {"op", "bytes", "line", "cast": (from, to) or None}
-        self.syncs = []
-        self.allocated = 0
-        self._in_sync = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func)
-        if func.namespace == "tinyfuse":
-            from torch._library.custom_ops import OPDEFS
-
-            with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        if name == "aten._local_scalar_dense.default" and not self._in_sync:
-            self.syncs.append({"call": name, "line": _tinyfuse_line()})
-        if name in _DATA_DEPENDENT:
-            self.syncs.append({"call": name, "line": _tinyfuse_line()})
-        if func.is_view or name in _RUN_REAL or name in _DATA_DEPENDENT or name.startswith("aten._local_scalar"):
-            out = func(*args, **kwargs)
-            if name in _RUN_REAL and not self._aliases(out, args):
-                self._record(name, args, kwargs, out)
-            return out
-        try:
-            meta_out = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
-        except Exception:  # no meta kernel: run it (only small ops get here)
-            meta_out = None
-        sizes = [t.numel() for t in tree_flatten((args, kwargs, meta_out))[0] if isinstance(t, torch.Tensor)]
-        if meta_out is None or max(sizes, default=0) <= SMALL:
-            try:
-                out = func(*args, **kwargs)
-            except NotImplementedError:  # a CUDA-only op (mm with out_dtype) recorded on CPU tensors
-                out = self._returns(func, args, kwargs, meta_out, self.zero)
-        else:
-            out = self._returns(func, args, kwargs, meta_out, self.zero)
-        if name in _FREE:
-            self.allocated += sum(tensor_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        else:
-            self._record(name, args, kwargs, out)
-        return out
-
-    @staticmethod
-    def _aliases(out, args):
-        ins = {t.untyped_storage().data_ptr() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
-        return all(t.untyped_storage().data_ptr() in ins for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-
-    @staticmethod
-    def _returns(func, args, kwargs, meta_out, zero):
-        """Real outputs: the argument a return aliases (in-place and out= ops), else an empty tensor."""
-        by_set = {}
-        for i, a in enumerate(func._schema.arguments):
-            if a.alias_info is not None:
-                value = args[i] if i < len(args) else kwargs.get(a.name)
-                for s in a.alias_info.before_set:
-                    by_set[s] = value
-        returns = func._schema.returns
-        if not returns:
-            return meta_out
-        single = len(returns) == 1
-        outs = (meta_out,) if single else meta_out
-        real = []
-        for r, m in zip(returns, outs):
-            if r.alias_info is not None and by_set.get(next(iter(r.alias_info.before_set))) is not None:
-                real.append(by_set[next(iter(r.alias_info.before_set))])
-            else:
-                real.append(tree_map(lambda x: _empty_like_meta(x, zero), m))
-        return real[0] if single else type(meta_out)(real)
-
-    def _record(self, name, args, kwargs, out):
-        moved = distinct_bytes(tree_flatten((args, kwargs, out))[0])
-        new = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        self.allocated += sum(tensor_bytes(t) for t in new if t.untyped_storage().data_ptr() not in ins)
-        cast = None
-        if name in ("aten._to_copy.default", "aten.copy_.default"):
-            src = args[1] if name == "aten.copy_.default" else args[0]
-            dst = args[0] if name == "aten.copy_.default" else out
-            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype != dst.dtype:
-                cast = (str(src.dtype).removeprefix("torch."), str(dst.dtype).removeprefix("torch."))
-        self.ops.append({"op": name, "bytes": moved, "line": _tinyfuse_line(), "cast": cast})
-
-
-@contextmanager
-def host_syncs(account):
-    """Python-level tensor-to-host calls (item, tolist, ...) recorded with their line."""
-    saved = {name: getattr(torch.Tensor, name) for name in _SYNC_CALLS}
-
-    def wrap(name, original):
-        @functools.wraps(original)
-        def call(self, *args, **kwargs):
-            account.syncs.append({"call": f"Tensor.{name}", "line": _tinyfuse_line()})
-            account._in_sync += 1
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                account._in_sync -= 1
-        return call
-
-    for name, original in saved.items():
-        setattr(torch.Tensor, name, wrap(name, original))
-    try:
-        yield
-    finally:
-        for name, original in saved.items():
-            setattr(torch.Tensor, name, original)
-
-
-# ---------------------------------------------------------------- compiling a launch
-
-@functools.lru_cache(maxsize=None)
-def _tool(name):
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
-_compiled = {}
-
-
-def compile_launch(fn, args, kwargs, arch):
-    """The kernel the JIT would build for these arguments, compiled for sm_<arch>:
-    (resource usage, PTX)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = {k: v for k, v in kwargs.items()}
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    key = (fn.fn.__qualname__, arch, str(signature), str(constexprs), str(sorted(attrs.items())), str(options))
-    if key not in _compiled:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "kernel.cubin")
-            with open(path, "wb") as f:
-                f.write(compiled.asm["cubin"])
-            usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
-                                   check=True).stdout
-        found = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
-        # What a launch asks for: the dynamic shared memory of the reductions' scratch and
-        # the pipelined loops' buffers (cuobjdump shows only the static part), as on CUDA.
-        found["SHARED"] = compiled.metadata.shared
-        _compiled[key] = (found, compiled.asm["ptx"],
-                          {k: v for k, v in constexprs.items()}, options.num_warps)
-    return _compiled[key]
-
-
-def ptx_counts(ptx):
-    """Global accesses by width, async copies, 64-bit divisions and special functions."""
-    counts = {}
-    for kind, vec, width in re.findall(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[busf](\d+)\b", ptx):
-        bits = int(width) * int(vec or 1)
-        key = f"{kind}.{bits}"
-        counts[key] = counts.get(key, 0) + 1
-    # Global reads of pipelined loops: cp.async copies to shared memory, by size in bytes.
-    for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-f]+|\d+)", ptx):
-        key = f"cp.{int(size, 0) * 8}"
-        counts[key] = counts.get(key, 0) + 1
-    return {
-        "global": counts,
-        "cp_async": len(re.findall(r"\bcp\.async\.(?!bulk)", ptx)),
-        "tma": len(re.findall(r"\bcp\.async\.bulk", ptx)),
-        "div64": len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx)),
-        "sfu": {f: len(re.findall(rf"\b{f}\.approx", ptx)) for f in ("ex2", "rsqrt", "lg2", "rcp")},
-    }
-
-
-def occupancy(usage, num_warps, arch):
-    """Resident blocks per SM from registers, shared memory and warps."""
-    from tinyfuse.kernels._launch import blocks_per_sm
-
-    return blocks_per_sm(usage.get("REG", 0), usage.get("SHARED", 0), num_warps, ARCHS[arch]["smem"])
-
-
-def launch_row(fn, grid, args, kwargs, arch):
-    usage, ptx, constexprs, num_warps = compile_launch(fn, args, kwargs, arch)
-    grid = tuple(grid) + (1,) * (3 - len(grid))
-    programs = grid[0] * grid[1] * grid[2]
-    blocks = occupancy(usage, num_warps, arch)
-    per_wave = blocks * ARCHS[arch]["sms"]
-    waves = programs / per_wave if per_wave else float("inf")
-    last = waves - int(waves) if waves != int(waves) else 1.0
-    return {"kernel": fn.fn.__name__, "grid": list(grid), "num_warps": num_warps,
-            "constexprs": {fn.arg_names[k[0]]: v for k, v in constexprs.items()}, "arch": arch,
-            "registers": usage.get("REG"), "local_bytes": usage.get("LOCAL", 0) + usage.get("STACK", 0),
-            "shared_bytes": usage.get("SHARED", 0), "blocks_per_sm": blocks, "waves": waves, "last_wave_busy": last,
-            **ptx_counts(ptx)}
+from .cubin import ARCHS, launch_row
+from .ops import op_modules
+from .recording import Account, distinct_bytes, host_syncs, recorded_launches
+from .report import static_table, write_static
 
 
 # ---------------------------------------------------------------- the kernels
@@ -399,8 +100,6 @@ def measure_pass(fn, inputs, arch):
 
 
 def kernel_rows(arches, ops=None, progress=print):
-    from .suite import op_modules
-
     dtype = torch.bfloat16
     rows = []
     for module in op_modules():
@@ -461,7 +160,7 @@ def step_account(name, tokens=64):
             "allocated_bytes": account.allocated}
 
 
-# ---------------------------------------------------------------- the report
+# ---------------------------------------------------------------- driving
 
 def run(arches=(90,), ops=None, steps=True, progress=None):
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -478,35 +177,6 @@ def run(arches=(90,), ops=None, steps=True, progress=None):
             result["steps"].append(step_account(name))
     result["seconds"] = time.perf_counter() - start
     return result
-
-
-def table(result):
-    """The terminal table: one line per architecture, op, pass and shape, the worst launch's
-    figures."""
-    lines = [f"{'arch':<6}{'op':<22}{'pass':<9}{'group':<13}{'bytes/min':>10}{'regs':>6}{'spill':>7}{'blk/SM':>7}"
-             f"{'waves':>8}{'last':>6}  global accesses (bits: count)"]
-    for r in sorted(result["kernels"], key=lambda r: result["arch"].index(r["arch"])):  # the order asked for
-        if not r["launches"]:
-            continue
-        worst = max(r["launches"], key=lambda launch: launch["registers"] or 0)
-        access = " ".join(f"{k}:{v}" for k, v in sorted(worst["global"].items()))
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-        lines.append(f"sm_{r['arch']:<3}{r['op']:<22}{r['pass']:<9}{r['group']:<13}{ratio:>10}{worst['registers']:>6}"
-                     f"{worst['local_bytes']:>7}{worst['blocks_per_sm']:>7}{worst['waves']:>8.2f}"
-                     f"{worst['last_wave_busy']:>6.2f}  {access}")
-    for s in result["steps"]:
-        lines.append(f"step {s['preset']}: {s['launches']} launches ({s['triton_launches']} Triton), "
-                     f"{len(s['syncs'])} host syncs, {len(s['casts'])} casts, {len(s['concats'])} concatenations, "
-                     f"{s['allocated_bytes'] / 1e6:.1f} MB allocated")
-    return "\n".join(lines)
-
-
-def write(result, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "static.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    return path
 
 
 def main(argv=None):
@@ -532,8 +202,8 @@ def main(argv=None):
     except ValueError as e:
         print(f"tinyfuse bench --static: {e}", file=sys.stderr)
         return 2
-    print(table(result))
-    print(f"\nwrote {write(result, args.out)} in {result['seconds']:.0f} s")
+    print(static_table(result))
+    print(f"\nwrote {write_static(result, args.out)} in {result['seconds']:.0f} s")
     return 0
 
 

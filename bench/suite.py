@@ -7,19 +7,11 @@ import time
 
 import torch
 
-from . import cross_entropy, kernels, loader, report, rms_norm, rope, step, swiglu
+from . import kernels, loader, report, step
+from .ops import all_ops, op_modules
 from .timing import copy_gbps, environment, smoke_here
 
 SECTIONS = ("kernels", "step", "loader")
-
-
-def op_modules():
-    """The op scripts, each with its OPS, cases and implementations."""
-    return [rms_norm, rope, swiglu, cross_entropy]
-
-
-def all_ops():
-    return [op for module in op_modules() for op in module.OPS]
 
 
 def run(smoke=False, only=None, ops=None, out_dir="bench-results", progress=None, presets=None, sweep=True,

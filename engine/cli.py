@@ -58,7 +58,6 @@ def train(args):
     select_backend()
     from .checkpoint import load_training_state
     from .run_spec import resolve_run
-    from .settings import train_config
     from .shards import DataError
     from .train import Interrupted, Trainer
 
@@ -111,6 +110,38 @@ def train(args):
         say(printable(story(trainer.model, sp, max_new_tokens=cfg.sample_tokens, seed=cfg.seed)))
     say(f"\ncheckpoint and metrics in {cfg.out}")
     return 0
+
+
+def train_config(args, saved=None):
+    """TrainConfig from `saved` (a resumed run's own settings), then the TOML file, then the
+    flags: later wins."""
+    import dataclasses
+
+    from .model import ModelConfig
+    from .train import TrainConfig
+
+    values = dict(saved or {})
+    given = vars(args)
+    if args.config:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        with open(args.config, "rb") as f:
+            values.update(tomllib.load(f))
+    model = values.pop("model", {})
+    if not isinstance(model, dict):
+        raise ValueError(f"{args.config}: model settings must be a table ([model] with name = value lines); "
+                         f"got {type(model).__name__} {model!r}")
+    model = dict(model)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in given:
+            model[f.name] = given[f.name]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in given and f.name != "model":
+            values[f.name] = given[f.name]
+    values["model"] = model
+    return TrainConfig.from_dict(values)
 
 
 def _prepare_default_data(cfg):

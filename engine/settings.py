@@ -1,10 +1,9 @@
 """Settings dataclasses as the one source of the command line: a field made with `setting`
-carries its help and choices, `add_dataclass_flags` makes a flag of each, `train_config`
-layers a resumed run's settings, the TOML file and the flags, and `settings_from_dict`
-checks a table (TOML can hold anything) against the dataclass before building it.
+carries its help and choices, `add_dataclass_flags` makes a flag of each, and
+`settings_from_dict` checks a table (TOML can hold anything) against the dataclass before
+building it.
 """
 import argparse
-import sys
 import typing
 from dataclasses import field, fields
 
@@ -74,33 +73,3 @@ def add_dataclass_flags(parser, cls, title, shown=None, shown_as="default"):
             # Choices are checked by the dataclass's validate(), as for the TOML file: one line.
             metavar = "{" + ",".join(choices) + "}" if choices else kind.__name__.upper()
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=metavar)
-
-
-def train_config(args, saved=None):
-    """TrainConfig from `saved` (a resumed run's own settings), then the TOML file, then the
-    flags: later wins."""
-    from .model import ModelConfig
-    from .train import TrainConfig
-
-    values = dict(saved or {})
-    given = vars(args)
-    if args.config:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:
-            import tomli as tomllib
-        with open(args.config, "rb") as f:
-            values.update(tomllib.load(f))
-    model = values.pop("model", {})
-    if not isinstance(model, dict):
-        raise ValueError(f"{args.config}: model settings must be a table ([model] with name = value lines); "
-                         f"got {type(model).__name__} {model!r}")
-    model = dict(model)
-    for f in fields(ModelConfig):
-        if f.name in given:
-            model[f.name] = given[f.name]
-    for f in fields(TrainConfig):
-        if f.name in given and f.name != "model":
-            values[f.name] = given[f.name]
-    values["model"] = model
-    return TrainConfig.from_dict(values)

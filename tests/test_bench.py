@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from tinyfuse.bench import kernels, report, suite
+from tinyfuse.bench import kernels, ops, report
 
 OPS = ["rms_norm", "add_rms_norm", "gemma_rms_norm", "rope", "swiglu", "geglu", "cross_entropy",
        "softcap_cross_entropy", "linear_cross_entropy"]
@@ -122,7 +122,7 @@ def test_forward_byte_model_counts_inputs_and_outputs(op):
     """Forward bytes = the activations read plus the outputs written (weights, tables and
     targets are left out, as each op's docstring says), plus, for cross_entropy, the
     gradient its forward writes (one per activation read)."""
-    module = next(m for m in suite.op_modules() if op in m.OPS)
+    module = next(m for m in ops.op_modules() if op in m.OPS)
     for case in module.cases(op, smoke=True):
         args = case.make("cpu", torch.float32)
         read = sum(a.numel() for a in args if isinstance(a, torch.Tensor) and a.requires_grad and a.dim() > 1)

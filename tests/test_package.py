@@ -61,3 +61,57 @@ def test_train_help_shows_what_a_run_without_flags_uses():
         assert helps[flag].endswith(f"(default: stories260K's: {value})"), (flag, helps[flag])
     assert helps["--vocab-size"] == "vocabulary size; default: the data's"
     assert helps["--batch-size"].endswith("(default: 8)")
+
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def _modules(folder):
+    import ast
+
+    for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, folder, name), encoding="utf-8") as f:
+                yield name[:-3], ast.parse(f.read())
+
+
+def test_no_function_outside_a_triton_kernel_is_longer_than_80_lines():
+    """A function the next engineer can read in one screen: the kernels' own bodies aside."""
+    import ast
+
+    long = []
+    for folder in ("kernels", "engine", "bench"):
+        for module, tree in _modules(folder):
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    jit = any("jit" in ast.unparse(d) for d in node.decorator_list)
+                    if not jit and node.end_lineno - node.lineno + 1 > 80:
+                        long.append(f"{folder}/{module}.py:{node.lineno} {node.name} "
+                                    f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+@pytest.mark.parametrize("folder", ["bench", "engine", "kernels"])
+def test_no_import_cycle_between_a_packages_modules(folder):
+    """Imports inside a package go one way, the ones inside functions counted too."""
+    import ast
+
+    graph = {}
+    for module, tree in _modules(folder):
+        edges = graph.setdefault(module, set())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                edges.update([node.module] if node.module else [a.name for a in node.names])
+    graph = {m: {e.split(".")[0] for e in edges if e.split(".")[0] in graph and e.split(".")[0] != m}
+             for m, edges in graph.items()}
+
+    def cycle_from(start, path):
+        for nxt in graph[start]:
+            if nxt in path:
+                return path[path.index(nxt):] + [nxt]
+            found = cycle_from(nxt, path + [nxt])
+            if found:
+                return found
+        return None
+    cycles = [c for m in graph if (c := cycle_from(m, [m]))]
+    assert not cycles, cycles[0]

@@ -189,7 +189,7 @@ def test_rows_per_program_fills_the_last_wave(monkeypatch):
 
 def test_terminal_table_shows_every_architecture():
     """--arch 90,80: both architectures' rows, each named, the columns apart."""
-    from tinyfuse.bench.static import table
+    from tinyfuse.bench.report import static_table as table
 
     launch = {"registers": 32, "global": {"128": 4}, "local_bytes": 0, "blocks_per_sm": 16, "waves": 1.0,
               "last_wave_busy": 1.0}

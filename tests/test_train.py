@@ -134,8 +134,7 @@ def test_missing_data_and_other_shape_checkpoint(prepared, tmp_path):
 
 
 def test_toml_config_and_flags(prepared, tmp_path):
-    from tinyfuse.engine.cli import build_parser
-    from tinyfuse.engine.settings import train_config
+    from tinyfuse.engine.cli import build_parser, train_config
 
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "stories15M"\nlr = 1e-3\nbatch_size = 7\n[model]\ndim = 96\nn_heads = 4\n')
