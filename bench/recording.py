@@ -2,10 +2,10 @@
 `recorded_launches` keeps every Triton launch as (kernel, grid, args, kwargs) instead of
 executing it, with launch sizes chosen for an architecture's SMs; `Account` records every
 aten op around them (and runs none that moves data: outputs are empty tensors shaped on the
-meta device); `host_syncs` records the Python-level tensor-to-host calls.
+meta device); `host_syncs` records the Python-level tensor-to-host calls (observed, not patched).
 """
-import functools
 import os
+import sys
 import traceback
 from contextlib import contextmanager
 
@@ -75,7 +75,7 @@ def distinct_bytes(values):
     return moved
 
 
-_SYNC_CALLS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+_SYNC_CALLS = ("item", "tolist", "cpu", "numpy")
 _FREE = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
          "aten.new_empty.default", "aten.new_empty_strided.default", "aten.detach.default", "aten.lift_fresh.default"}
 _RUN_REAL = {"aten.reshape.default", "aten.contiguous.default", "aten._unsafe_view.default"}
@@ -198,26 +198,23 @@ class Account(TorchDispatchMode):
 
 @contextmanager
 def host_syncs(account):
-    """Python-level tensor-to-host calls (item, tolist, ...) recorded with their line."""
-    saved = {name: getattr(torch.Tensor, name) for name in _SYNC_CALLS}
+    """Python-level tensor-to-host calls (item, tolist, cpu, numpy) recorded with their line,
+    seen through the interpreter's profile hook as they are called: nothing of torch is
+    replaced. bool(), float() and int() of a tensor reach no Python-level call; they reach
+    aten._local_scalar_dense, which Account records."""
+    def profile(frame, event, arg):
+        if event not in ("c_call", "c_return", "c_exception") or getattr(arg, "__name__", None) not in _SYNC_CALLS \
+                or not isinstance(getattr(arg, "__self__", None), torch.Tensor):
+            return
+        if event == "c_call":
+            account.syncs.append({"call": f"Tensor.{arg.__name__}", "line": _tinyfuse_line()})
+            account._in_sync += 1  # the aten._local_scalar_dense it makes is this call
+        else:
+            account._in_sync -= 1
 
-    def wrap(name, original):
-        @functools.wraps(original)
-        def call(self, *args, **kwargs):
-            account.syncs.append({"call": f"Tensor.{name}", "line": _tinyfuse_line()})
-            account._in_sync += 1
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                account._in_sync -= 1
-        return call
-
-    for name, original in saved.items():
-        setattr(torch.Tensor, name, wrap(name, original))
+    previous = sys.getprofile()
+    sys.setprofile(profile)
     try:
         yield
     finally:
-        for name, original in saved.items():
-            setattr(torch.Tensor, name, original)
-
-
+        sys.setprofile(previous)

@@ -199,3 +199,30 @@ def test_terminal_table_shows_every_architecture():
     assert lines[0].startswith("arch  op")
     assert [line[:6] for line in lines[1:]] == ["sm_90 ", "sm_80 "]
     assert all("fwd+bwd  stories260K" in line for line in lines[1:])
+
+
+def test_host_syncs_are_seen_without_replacing_torch():
+    """The step account's sync detector: item(), tolist(), cpu() and numpy() through the
+    profile hook, float()/bool() through aten._local_scalar_dense, each call once (an item()
+    is not counted again as the scalar read it makes), and torch.Tensor left as it is."""
+    import torch
+
+    from tinyfuse.bench.recording import Account, host_syncs
+
+    methods = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "cpu", "numpy", "__bool__")}
+    t = torch.ones(3)
+    account = Account()
+    with host_syncs(account), account:
+        assert {name: getattr(torch.Tensor, name) for name in methods} == methods
+        t.sum().item()
+        t.tolist()
+        t.cpu()
+        t.numpy()
+        float(t.sum())
+        if t.sum() > 0:
+            pass
+    assert [s["call"] for s in account.syncs] == ["Tensor.item", "Tensor.tolist", "Tensor.cpu", "Tensor.numpy",
+                                                   "aten._local_scalar_dense.default",
+                                                   "aten._local_scalar_dense.default"]
+    t.sum().item()  # outside: nothing more recorded
+    assert len(account.syncs) == 6
