@@ -34,10 +34,11 @@ def recorded_launches(arch=90, zero=False):
         # would make autograd copy a gradient it could otherwise take as it is.
         with _disable_current_modes():
             kept = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        launches.append((self, grid, kept, kwargs))
+            kept_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        launches.append((self, grid, kept, kept_kwargs))
         if zero:
             with _disable_current_modes(), torch.no_grad():
-                for a in args:
+                for a in (*args, *kwargs.values()):
                     if isinstance(a, torch.Tensor) and a.is_floating_point():
                         # through an alias with its own version counter: autograd must not see it
                         torch.empty(0, dtype=a.dtype).set_(a.untyped_storage(), a.storage_offset(), a.shape,

@@ -105,11 +105,11 @@ def idle_share(programs, per_wave):
     return 1.0 - waves / math.ceil(waves)
 
 
-def rows_per_program(kernel, args, kwargs, device, key, m, row_elements, columns=1, target_elements=4096,
+def rows_per_program(kernel, args, kwargs, device, m, row_elements, columns=1, target_elements=4096,
                      max_rows=64, per_thread=32, rows_arg="ROWS"):
     """(ROWS, num_warps) for a kernel over m rows (times columns blocks of columns) whose
-    programs hold ROWS rows of row_elements values. kwargs: the other constexprs; key: what,
-    with ROWS and the warps, decides the binary (see resident_programs)."""
+    programs hold ROWS rows of row_elements values. args, kwargs: the launch's arguments
+    but ROWS and the warps."""
     fit = max(1, min(max_rows, target_elements // max(row_elements, 1)))
     rows = 1 << (fit.bit_length() - 1)  # a power of two: the kernels' tl.arange
     candidates = [rows]
@@ -121,8 +121,7 @@ def rows_per_program(kernel, args, kwargs, device, key, m, row_elements, columns
         return choices[0]
     best = None
     for r, warps in choices:
-        per_wave = resident_programs(kernel, args, {**kwargs, rows_arg: r, "num_warps": warps}, device,
-                                     (*key, r, warps))
+        per_wave = resident_programs(kernel, args, {**kwargs, rows_arg: r, "num_warps": warps}, device)
         idle = idle_share(triton.cdiv(m, r) * columns, per_wave)
         if idle <= MAX_IDLE:
             return r, warps
@@ -154,24 +153,45 @@ def multiprocessors(device):
     return RECORDING_SMS if RECORDING else 4
 
 
+def binary_key(kernel, args, kwargs):
+    """What decides the binary the JIT builds for a launch, derived from its arguments as
+    Triton specialises them: each tensor's dtype and 16-byte alignment, each integer's
+    being 1, a multiple of 16 or beyond int32, each float as a float; the constexprs and
+    the launch options (warps) by value."""
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return value.dtype, value.data_ptr() % 16 == 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        if isinstance(value, float):
+            return "float"
+        return "int", value == 1, value % 16 == 0, -2 ** 31 <= value < 2 ** 31  # 1: a constant; beyond: int64
+
+    runtime = {p.name for p in getattr(kernel, "params", ()) if not p.is_constexpr}
+    by_name = sorted((name, spec(value) if name in runtime or isinstance(value, torch.Tensor) else value)
+                     for name, value in kwargs.items())
+    return (kernel, *map(spec, args), *by_name)
+
+
 _resident = {}
 
 
-def resident_programs(kernel, args, kwargs, device, key):
+def resident_programs(kernel, args, kwargs, device):
     """How many programs of kernel fit on the device at once (one full wave), from the
     registers and shared memory of the binary the JIT builds for these arguments. A
     reduction launched with this many programs writes as few partials as keep every SM
-    busy, and has no last wave. key: what, besides the device, decides the binary (the
-    constexprs and dtypes); the answer is cached under it."""
+    busy, and has no last wave. On CUDA the answer is cached under the device and the
+    launch's binary_key."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if (key, index) not in _resident:
+        key = binary_key(kernel, args, kwargs), index
+        if key not in _resident:
             compiled = kernel.warmup(*args, grid=(1,), **kwargs)
             compiled._init_handles()  # loads the binary: n_regs is known from here
             props = torch.cuda.get_device_properties(index)
-            _resident[key, index] = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"],
-                                                  props.shared_memory_per_multiprocessor)
-        blocks = _resident[key, index]
+            _resident[key] = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"],
+                                           props.shared_memory_per_multiprocessor)
+        blocks = _resident[key]
     elif RECORDING:
         blocks = RECORDING_OCCUPANCY(kernel, args, kwargs)
     else:

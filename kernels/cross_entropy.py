@@ -235,12 +235,11 @@ def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     n, v = grad.shape
     if grad.numel() > 0:
         blocks = n * triton.cdiv(v, 4096)
-        args = [grad, scale, n, v, grad.stride(0), 2]  # 2 blocks a program while sizing (1 is specialised)
-        kwargs = dict(BLOCK_V=4096, num_warps=8)
-        programs = min(blocks, resident_programs(_scale_unless_one_kernel, args, kwargs, grad.device,
-                                                 ("scale_gradient_", grad.dtype)))
-        args[-1] = triton.cdiv(blocks, programs)
-        _scale_unless_one_kernel[(programs,)](*args, **kwargs)
+        operands = dict(G=grad, SCALE=scale, N=n, V=v, stride_g=grad.stride(0), BLOCK_V=4096, num_warps=8)
+        # sized with 2 blocks a program (1 would be specialised into a different binary)
+        programs = min(blocks, resident_programs(_scale_unless_one_kernel, [], dict(operands, blocks_per_program=2),
+                                                 grad.device))
+        _scale_unless_one_kernel[(programs,)](**operands, blocks_per_program=triton.cdiv(blocks, programs))
 
 
 @scale_gradient_.register_fake

@@ -206,9 +206,8 @@ def _forward(x, residual, weight, eps, offset):
         else:
             kwargs = dict(OFFSET=offset, HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(n),
                           CHUNKS=1)
-            key = ("rms_norm_forward", *kwargs.values(), x.dtype, weight.dtype)
             kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(_rms_norm_forward_kernel, args, kwargs, x.device,
-                                                                   key, m, kwargs["BLOCK_N"])
+                                                                   m, kwargs["BLOCK_N"])
         _rms_norm_forward_kernel[(triton.cdiv(m, kwargs["ROWS"]),)](*args, **kwargs)
     return y.view(x.shape), h.view(x.shape), rstd
 
@@ -247,34 +246,33 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    # rstd (float32) stands in for the partials, and 2 for the blocks a program takes,
-    # while the binary is sized: 1 would be specialised into a different one.
-    args = [dy2, dh2, x2, weight, rstd, dx, rstd, m, n, dy2.stride(0), dh2.stride(0), x2.stride(0), 2]
-    key = ("rms_norm_backward", dh is not None, x.dtype, weight.dtype, offset)
+    # While the launch is sized, rstd (float32) stands in for the partials and 2 for the
+    # blocks a program takes (1 would be specialised into a different binary).
+    operands = dict(DY=dy2, DH=dh2, X=x2, W=weight, RSTD=rstd, DX=dx, M=m, N=n, stride_dy=dy2.stride(0),
+                    stride_dh=dh2.stride(0), stride_x=x2.stride(0), OFFSET=offset, HAS_DH=dh is not None)
+    sizing = dict(operands, DW_PARTIAL=rstd, blocks_per_program=2)
     if n > _WHOLE_ROW:
         # One program an SM at most: a partial row is 32-256 KiB against a few MB of rows.
-        kwargs = dict(OFFSET=offset, HAS_DH=dh is not None, BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW),
-                      ROWS=1, num_warps=warps_for(_WHOLE_ROW, per_thread=16))
+        shape = dict(BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1,
+                     num_warps=warps_for(_WHOLE_ROW, per_thread=16))
         resident = multiprocessors(x.device)
     else:
         # Whole rows in registers, 16 values of dy and x a thread (4 warps held 32 at 4096
         # wide: 204 registers, 2 blocks/SM).
-        kwargs = dict(OFFSET=offset, HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
-        kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(
-            _rms_norm_backward_kernel, args, kwargs, x.device, (*key, kwargs["BLOCK_N"]), m, kwargs["BLOCK_N"],
-            per_thread=16)
-        resident = resident_programs(_rms_norm_backward_kernel, args, kwargs, x.device,
-                                     (*key, kwargs["BLOCK_N"], kwargs["ROWS"], kwargs["num_warps"]))
+        shape = dict(BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
+        shape["ROWS"], shape["num_warps"] = rows_per_program(
+            _rms_norm_backward_kernel, [], {**sizing, **shape}, x.device, m, shape["BLOCK_N"], per_thread=16)
+        resident = resident_programs(_rms_norm_backward_kernel, [], {**sizing, **shape}, x.device)
     # At most one wave of programs, each with an equal share of the row blocks.
     budget = int((_OVERHEAD_SHARE * 3 * n * x.element_size() - 4) * m / (8 * n))
     cap = min(resident, max(budget, multiprocessors(x.device) // 2))
-    blocks = triton.cdiv(m, kwargs["ROWS"])
+    blocks = triton.cdiv(m, shape["ROWS"])
     per_program = triton.cdiv(blocks, max(1, min(blocks, cap)))
     programs = triton.cdiv(blocks, per_program) if m > 0 else 1
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    args[6], args[-1] = dw_partial, per_program
     if m > 0:
-        _rms_norm_backward_kernel[(programs,)](*args, **kwargs)
+        _rms_norm_backward_kernel[(programs,)](**operands, **shape, DW_PARTIAL=dw_partial,
+                                               blocks_per_program=per_program)
     else:
         dw_partial.zero_()
     # 32 columns a program, one warp: N/32 programs (9 at stories15M), each reading its

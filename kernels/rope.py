@@ -99,9 +99,8 @@ def _launch_rope(q, k, cos, sin, q_out, k_out, interleaved, inverse, out_token_s
                 out_token_stride or HQ * D, out_token_stride or HK * D, k_start, *_table_strides(cos)]
         kwargs = dict(HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
                       INTERLEAVED=interleaved, INVERSE=inverse, Q_PACKED=q.stride(2) == D, K_PACKED=k.stride(2) == D)
-        key = ("rope", q.dtype, cos.dtype, *kwargs.values())
         # A token's q and k heads are its row; half of them are read at a time (x1, x2).
-        tokens, warps = rows_per_program(_rope_kernel, args, kwargs, q.device, key, n_tokens, per_token // 2,
+        tokens, warps = rows_per_program(_rope_kernel, args, kwargs, q.device, n_tokens, per_token // 2,
                                          target_elements=2048, rows_arg="TOKENS")
         _rope_kernel[(triton.cdiv(n_tokens, tokens),)](*args, TOKENS=tokens, num_warps=warps, **kwargs)
 

@@ -64,14 +64,14 @@ def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_
     tl.store(DU + rows64 * stride_dgu + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _launch_tiles(kernel, args, m, n, key, activation):
+def _launch_tiles(kernel, args, m, n, activation):
     """Launch kernel over [m, n] in tiles of ROWS x BLOCK_N (at most 2048 values a program:
     an elementwise op needs no whole row), for activation "silu" or "gelu_tanh"."""
     gelu = activation == "gelu_tanh"
     block_n = min(triton.next_power_of_2(n), 2048)
     columns = triton.cdiv(n, block_n)
     rows, warps = rows_per_program(kernel, args, dict(BLOCK_N=block_n, GELU=gelu), args[0].device,
-                                   (*key, block_n, gelu), m, block_n, columns=columns, target_elements=2048)
+                                   m, block_n, columns=columns, target_elements=2048)
     kernel[(triton.cdiv(m, rows), columns)](*args, ROWS=rows, BLOCK_N=block_n, GELU=gelu, num_warps=warps)
 
 
@@ -81,8 +81,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> tor
     m, n = g2.shape
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if y.numel() > 0:
-        _launch_tiles(_swiglu_forward_kernel, [g2, u2, y, m, n, g2.stride(0), u2.stride(0)], m, n,
-                      ("swiglu_forward", gate.dtype), activation)
+        _launch_tiles(_swiglu_forward_kernel, [g2, u2, y, m, n, g2.stride(0), u2.stride(0)], m, n, activation)
     return y.view(gate.shape)
 
 
@@ -97,8 +96,7 @@ def _backward(dy, gate, up, dg, du, activation):
     m, n = g2.shape
     if m * n > 0:
         args = [dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0)]
-        _launch_tiles(_swiglu_backward_kernel, args, m, n, ("swiglu_backward", gate.dtype, dg.stride(0) == n),
-                      activation)
+        _launch_tiles(_swiglu_backward_kernel, args, m, n, activation)
 
 
 @torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())

@@ -175,7 +175,7 @@ def test_rows_per_program_fills_the_last_wave(monkeypatch):
 
     def choose(m, row_elements, blocks_per_sm):
         monkeypatch.setattr(_launch, "RECORDING_OCCUPANCY", lambda kernel, args, kwargs: blocks_per_sm)
-        return _launch.rows_per_program(None, [], {}, torch.device("cpu"), ("test",), m, row_elements)
+        return _launch.rows_per_program(None, [], {}, torch.device("cpu"), m, row_elements)
 
     assert choose(16384, 1024, 8) == (4, 4)  # interpreter: not recording
     monkeypatch.setattr(_launch, "RECORDING", True)
@@ -185,6 +185,33 @@ def test_rows_per_program_fills_the_last_wave(monkeypatch):
     assert choose(16384, 64, 16) == (16, 4)  # under a wave whatever the rows: the fullest, 1024 values
     assert choose(16384, 8192, 1) == (1, 8)  # a row is a program's worth
     assert choose(0, 1024, 8) == (4, 4)
+
+
+def test_a_launchs_binary_key_is_derived_from_its_arguments():
+    """The occupancy cache's key (kernels._launch.binary_key) follows what Triton
+    specialises a binary on, so no caller builds one by hand: equal for launches that
+    compile alike, apart for another dtype, an unaligned tensor, an integer 1, a multiple
+    of 16 or beyond int32, or another constexpr."""
+    import torch
+
+    from tinyfuse.kernels._launch import binary_key
+
+    x = torch.empty(64, dtype=torch.bfloat16)
+
+    def key(*args, **kwargs):
+        return binary_key("kernel", args, {"BLOCK": 64, "num_warps": 4, **kwargs})
+
+    assert key(x, 100, 0.5) == key(torch.empty(64, dtype=torch.bfloat16), 30, 1e-6)
+    others = [key(x.float(), 100, 0.5), key(x[1:], 100, 0.5), key(x, 1, 0.5), key(x, 96, 0.5),
+              key(x, 1 << 33, 0.5), key(x, 100, 0.5, BLOCK=128), key(x, 100, 0.5, num_warps=8)]
+    assert len({key(x, 100, 0.5), *others}) == 1 + len(others)
+    # by name, as a JIT function's parameters say: a runtime integer by its class, a constexpr by value
+    from types import SimpleNamespace as Param
+
+    kernel = Param(params=[Param(name="N", is_constexpr=False), Param(name="BLOCK", is_constexpr=True)])
+    assert binary_key(kernel, [], dict(X=x, N=100, BLOCK=64)) == binary_key(kernel, [], dict(X=x, N=30, BLOCK=64))
+    assert binary_key(kernel, [], dict(X=x, N=30, BLOCK=64)) != binary_key(kernel, [], dict(X=x, N=32, BLOCK=64))
+    assert binary_key(kernel, [], dict(X=x, N=30, BLOCK=64)) != binary_key(kernel, [], dict(X=x, N=30, BLOCK=128))
 
 
 def test_terminal_table_shows_every_architecture():
