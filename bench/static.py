@@ -51,6 +51,7 @@ import tempfile
 import time
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .cubin import ARCHS, launch_row
 from .ops import op_modules
@@ -60,18 +61,19 @@ from .report import static_table, write_static
 
 # ---------------------------------------------------------------- the kernels
 
-def _empty_leaf(make):
-    """The case's inputs as empty tensors: values never matter when nothing runs."""
-    def build(device, dtype):
-        real_randn, real_randint = torch.randn, torch.randint
-        torch.randn = lambda *s, **k: torch.empty(*s, **{x: y for x, y in k.items() if x != "generator"})
-        torch.randint = lambda low, high=None, size=None, **k: torch.zeros(size if size is not None else high,
-                                                                            dtype=torch.long)
-        try:
-            return make(device, dtype)
-        finally:
-            torch.randn, torch.randint = real_randn, real_randint
-    return build
+class _EmptyInputs(TorchFunctionMode):
+    """A case's random inputs made as empty tensors while the mode is on (values never
+    matter when nothing runs, and a sweep's large inputs are never touched); every other
+    call as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.randn:
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
+        if func is torch.randint:  # randint(high, size) or randint(low, high, size)
+            size = kwargs.get("size", args[-1] if len(args) > 1 else None)
+            return torch.zeros(size, dtype=torch.long, device=kwargs.get("device"))
+        return func(*args, **kwargs)
 
 
 def measure_pass(fn, inputs, arch):
@@ -111,7 +113,8 @@ def kernel_rows(arches, ops=None, progress=print):
                 progress(f"static: {op} {case.group} {tuple(case.shape)}")
                 itemsize = torch.empty((), dtype=dtype).element_size()
                 for arch in arches:
-                    inputs = _empty_leaf(case.make)("cpu", dtype)
+                    with _EmptyInputs():
+                        inputs = case.make("cpu", dtype)
                     passes = measure_pass(fn, inputs, arch)
                     passes["fwd+bwd"] = {k: passes["fwd"][k] + passes["bwd"][k] for k in ("bytes", "launches", "aten")}
                     for p, row in passes.items():
