@@ -49,22 +49,24 @@ def _now(device):
     return time.perf_counter()
 
 
-# The Hugging Face models of the step rows, by their rows' `model`: (config class, model
-# class, fields beside the preset's Llama ones, Liger's patch function).
+# The Hugging Face models of the step rows, by their rows' `model`: (their rows' name
+# prefix, config class, model class, fields beside the preset's sizes, Liger's patch).
 HF_MODELS = {
-    "transformers": ("LlamaConfig", "LlamaForCausalLM", {}, "apply_liger_kernel_to_llama"),
-    "transformers-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                            {"hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0},
+    "transformers": ("hf", "LlamaConfig", "LlamaForCausalLM", lambda cfg: {}, "apply_liger_kernel_to_llama"),
+    # Gemma scales its scores by query_pre_attn_scalar**-0.5, the head size in its releases
+    "transformers-gemma3": ("hf-gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
+                            lambda cfg: {"hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0,
+                                         "query_pre_attn_scalar": cfg.head_dim},
                             "apply_liger_kernel_to_gemma3_text"),
-    "transformers-phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}, "apply_liger_kernel_to_phi3"),
+    "transformers-phi3": ("hf-phi3", "Phi3Config", "Phi3ForCausalLM", lambda cfg: {"pad_token_id": None},
+                          "apply_liger_kernel_to_phi3"),
 }
-_HF_ROW_PREFIX = {"transformers": "hf", "transformers-gemma3": "hf-gemma3", "transformers-phi3": "hf-phi3"}
 # The step rows by the names `tinyfuse bench --step-rows` takes: (model, kernels, graph);
 # each name with "+compile" is the same row under torch.compile. graph None is the
 # trainer's default (a CUDA graph on CUDA); "tinyfuse-nograph" is the eager step beside it.
 ROWS = {"tinyfuse": ("tinyfuse", "triton", None), "tinyfuse-nograph": ("tinyfuse", "triton", False),
         "tinyfuse-torch": ("tinyfuse", "torch", None),
-        **{prefix + suffix: (model, patch, None) for model, prefix in _HF_ROW_PREFIX.items()
+        **{spec[0] + suffix: (model, patch, None) for model, spec in HF_MODELS.items()
            for suffix, patch in (("", "plain"), ("-tinyfuse", "tinyfuse"), ("-liger", "liger"))}}
 ROW_NAMES = tuple(name + suffix for name in ROWS for suffix in ("", "+compile") if name != "tinyfuse-nograph"
                   or not suffix)
@@ -91,15 +93,11 @@ def hf_model(cfg, patch, model="transformers"):
 
     from tinyfuse.engine.hf_checkpoint import config as hf_config
 
-    config_class, model_class, extra, liger_patch = HF_MODELS[model]
-    fields = hf_config(cfg)
-    if model != "transformers":  # the Llama config's own identity and activation stay behind
-        fields = {key: value for key, value in fields.items() if key not in ("architectures", "model_type",
-                                                                          "hidden_act")}
-        fields.update(extra)
-        if "gemma" in model:  # Gemma scales its scores by this, set to the head size in its releases
-            fields["query_pre_attn_scalar"] = cfg.head_dim
-    built = getattr(transformers, model_class)(getattr(transformers, config_class)(**fields,
+    _, config_class, model_class, extra, liger_patch = HF_MODELS[model]
+    # the preset's sizes, without the Llama config's own identity and activation
+    fields = {key: value for key, value in hf_config(cfg).items()
+              if key not in ("architectures", "model_type", "hidden_act")}
+    built = getattr(transformers, model_class)(getattr(transformers, config_class)(**fields, **extra(cfg),
                                                                                    attn_implementation="sdpa"))
     if patch == "tinyfuse":
         from tinyfuse.kernels import patch_transformers

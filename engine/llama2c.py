@@ -12,7 +12,7 @@ import torch
 
 from .files import atomic_write
 from .model import ModelConfig
-from .weights import CheckpointError, foreign_names, join_state, name_map, split_state
+from .weights import CheckpointError, foreign_names, foreign_shapes, join_state, name_map, split_state
 
 V1_MAGIC = 0x616B3432  # "ak42" as llama2.c writes it: little-endian uint32
 V1_HEADER_BYTES = 256
@@ -42,8 +42,7 @@ def _header_config(source, dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab
 
 def _file_layout(cfg, order):
     """[(name, shape)] of a .bin's tensors in the file's order, the untied output last."""
-    mapping = name_map(cfg, NAMES)
-    shapes = {name: shape for parts in mapping.values() for name, shape in parts}
+    shapes = foreign_shapes(name_map(cfg, NAMES))
     names = foreign_names(cfg, NAMES, order) + ([] if cfg.tie_embeddings else [NAMES["output"]])
     return [(name, shapes[name]) for name in names]
 

@@ -208,7 +208,7 @@ def test_a_launchs_binary_key_is_derived_from_its_arguments():
     # by name, as a JIT function's parameters say: a runtime integer by its class, a constexpr by value
     from types import SimpleNamespace as Param
 
-    kernel = Param(params=[Param(name="N", is_constexpr=False), Param(name="BLOCK", is_constexpr=True)])
+    kernel = type("Kernel", (), {"params": [Param(name="N", is_constexpr=False), Param(name="BLOCK", is_constexpr=True)]})()
     assert binary_key(kernel, [], dict(X=x, N=100, BLOCK=64)) == binary_key(kernel, [], dict(X=x, N=30, BLOCK=64))
     assert binary_key(kernel, [], dict(X=x, N=30, BLOCK=64)) != binary_key(kernel, [], dict(X=x, N=32, BLOCK=64))
     assert binary_key(kernel, [], dict(X=x, N=30, BLOCK=64)) != binary_key(kernel, [], dict(X=x, N=30, BLOCK=128))
