@@ -9,11 +9,7 @@ import re
 import subprocess
 import tempfile
 
-# SMs and shared memory per SM (the other per-SM limits are kernels._launch.blocks_per_sm's).
-ARCHS = {
-    90: {"name": "sm_90 (H100)", "sms": 132, "smem": 228 * 1024},
-    80: {"name": "sm_80 (A100)", "sms": 108, "smem": 164 * 1024},
-}
+from tinyfuse.kernels._launch import ARCHITECTURES, blocks_per_sm
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +76,7 @@ def ptx_counts(ptx):
 
 def occupancy(usage, num_warps, arch):
     """Resident blocks per SM from registers, shared memory and warps."""
-    from tinyfuse.kernels._launch import blocks_per_sm
-
-    return blocks_per_sm(usage.get("REG", 0), usage.get("SHARED", 0), num_warps, ARCHS[arch]["smem"])
+    return blocks_per_sm(usage.get("REG", 0), usage.get("SHARED", 0), num_warps, ARCHITECTURES[arch])
 
 
 def launch_row(fn, grid, args, kwargs, arch):
@@ -90,7 +84,7 @@ def launch_row(fn, grid, args, kwargs, arch):
     grid = tuple(grid) + (1,) * (3 - len(grid))
     programs = grid[0] * grid[1] * grid[2]
     blocks = occupancy(usage, num_warps, arch)
-    per_wave = blocks * ARCHS[arch]["sms"]
+    per_wave = blocks * ARCHITECTURES[arch].sms
     waves = programs / per_wave if per_wave else float("inf")
     last = waves - int(waves) if waves != int(waves) else 1.0
     return {"kernel": fn.fn.__name__, "grid": list(grid), "num_warps": num_warps,

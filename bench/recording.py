@@ -1,60 +1,31 @@
 """Recording what an op does without running it on a GPU (the static report's first job):
-`recorded_launches` keeps every Triton launch as (kernel, grid, args, kwargs) instead of
-executing it, with launch sizes chosen for an architecture's SMs; `Account` records every
-aten op around them (and runs none that moves data: outputs are empty tensors shaped on the
-meta device); `host_syncs` records the Python-level tensor-to-host calls (observed, not patched).
+`Account` runs tinyfuse's ops on a Target for an architecture (kernels._launch.Target:
+its SMs, and the occupancy of each binary read from the compiled cubin) whose launch
+keeps every Triton launch as (kernel, grid, args, kwargs) instead of executing it, and
+records every aten op around them (running none that moves data: outputs are empty
+tensors shaped on the meta device); `host_syncs` records the Python-level tensor-to-host
+calls (observed, not patched). Nothing of Triton or torch is replaced.
 """
+import dataclasses
+import functools
 import os
 import sys
 import traceback
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .cubin import ARCHS, compile_launch, occupancy
+from tinyfuse.kernels._launch import ARCHITECTURES
+
+from .cubin import compile_launch, occupancy
 
 
-@contextmanager
-def recorded_launches(arch=90, zero=False):
-    """Triton launches recorded as (kernel, grid, args, kwargs) and not executed; CPU
-    tensors stand in for device ones, and launch sizes are chosen for sm_<arch>'s SMs.
-    zero: every tensor a launch touches is zeroed instead, so a training step that reads
-    the results (a finite loss, a gradient norm) goes on as it would."""
-    from torch.utils._python_dispatch import _disable_current_modes
-    from triton.runtime import jit
-
-    from tinyfuse.kernels import _launch
-
-    launches = []
-
-    def record(self, *args, grid, warmup, **kwargs):
-        # Kept as aliases (same storage, offset, strides): holding the tensors themselves
-        # would make autograd copy a gradient it could otherwise take as it is.
-        with _disable_current_modes():
-            kept = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-            kept_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        launches.append((self, grid, kept, kept_kwargs))
-        if zero:
-            with _disable_current_modes(), torch.no_grad():
-                for a in (*args, *kwargs.values()):
-                    if isinstance(a, torch.Tensor) and a.is_floating_point():
-                        # through an alias with its own version counter: autograd must not see it
-                        torch.empty(0, dtype=a.dtype).set_(a.untyped_storage(), a.storage_offset(), a.shape,
-                                                           a.stride()).zero_()
-
-    def resident_blocks(fn, args, kwargs):
-        usage, _, _, num_warps = compile_launch(fn, args, kwargs, arch)
-        return occupancy(usage, num_warps, arch)
-
-    saved = jit.JITFunction.run, _launch.RECORDING_SMS, _launch.RECORDING_OCCUPANCY
-    jit.JITFunction.run, _launch.RECORDING, _launch.RECORDING_SMS = record, True, ARCHS[arch]["sms"]
-    _launch.RECORDING_OCCUPANCY = resident_blocks
-    try:
-        yield launches
-    finally:
-        (jit.JITFunction.run, _launch.RECORDING_SMS, _launch.RECORDING_OCCUPANCY), _launch.RECORDING = saved, False
+def _resident_blocks(arch, plan, operands):
+    """Blocks of plan's binary resident per SM of sm_<arch>, from its cubin."""
+    usage, _, _, num_warps = compile_launch(plan.kernel, (), plan.kwargs(operands), arch)
+    return occupancy(usage, num_warps, arch)
 
 
 def _storage_key(t):
@@ -110,12 +81,18 @@ SMALL = 1 << 16  # ops on tensors of at most this many elements are run for real
 
 class Account(TorchDispatchMode):
     """Records every aten op (and runs none that move data: their outputs are empty tensors
-    shaped on the meta device); runs tinyfuse's custom ops' own Python, so the launches and
-    the torch ops inside them are recorded too."""
+    shaped on the meta device); runs tinyfuse's custom ops' own Python on `target`, sm_<arch>'s
+    Target, so their launches (planned for that architecture, recorded in `launches`, never
+    run: CPU tensors stand in for device ones) and the torch ops inside them are recorded
+    too. zero: fake outputs, and every tensor a launch touches, are zeros instead, so a
+    training step that reads the results (a finite loss, a gradient norm) goes on as it would."""
 
-    def __init__(self, zero=False):
+    def __init__(self, arch=90, zero=False):
         super().__init__()
-        self.zero = zero  # fake outputs are zeros (a training step reads some of them)
+        self.zero = zero
+        self.target = dataclasses.replace(ARCHITECTURES[arch], occupancy=functools.partial(_resident_blocks, arch),
+                                          launch=self._launch)
+        self.launches = []  # (kernel, grid, args, kwargs)
         self.ops = []  # {"op", "bytes", "line", "cast": (from, to) or None}
         self.syncs = []
         self.allocated = 0
@@ -128,7 +105,7 @@ class Account(TorchDispatchMode):
             from torch._library.custom_ops import OPDEFS
 
             with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+                return OPDEFS[func._schema.name].on_target(self.target, *args, **kwargs)
         if name == "aten._local_scalar_dense.default" and not self._in_sync:
             self.syncs.append({"call": name, "line": _tinyfuse_line()})
         if name in _DATA_DEPENDENT:
@@ -155,6 +132,20 @@ class Account(TorchDispatchMode):
         else:
             self._record(name, args, kwargs, out)
         return out
+
+    def _launch(self, plan, operands):
+        # Kept as aliases (same storage, offset, strides): holding the tensors themselves
+        # would make autograd copy a gradient it could otherwise take as it is.
+        with _disable_current_modes():
+            kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in plan.kwargs(operands).items()}
+        self.launches.append((plan.kernel, plan.grid, (), kwargs))
+        if self.zero:
+            with _disable_current_modes(), torch.no_grad():
+                for a in operands.values():
+                    if isinstance(a, torch.Tensor) and a.is_floating_point():
+                        # through an alias with its own version counter: autograd must not see it
+                        torch.empty(0, dtype=a.dtype).set_(a.untyped_storage(), a.storage_offset(), a.shape,
+                                                           a.stride()).zero_()
 
     @staticmethod
     def _aliases(out, args):

@@ -2,9 +2,10 @@
 module drives the report; `recording` records an op's launches and aten ops, `cubin`
 compiles and reads each launch, `report.static_table` prints the result.
 
-Each op runs its real launch path (the same block sizes, warps, rows per program and grid
-as a training step would pick) on CPU tensors, with every Triton launch recorded instead of
-executed and every aten op around it recorded instead of computed (outputs are empty
+Each op runs its real launch path (the same planners, so the same block sizes, warps, rows
+per program and grid as a training step would pick) on CPU tensors and on the
+architecture's Target, with every Triton launch recorded instead of executed and every
+aten op around it recorded instead of computed (outputs are empty
 tensors of the right shape, found on the meta device). Each recorded launch is then
 compiled for each architecture asked for, exactly as the JIT would specialise it for those
 arguments (Triton's own binder: alignment and divisibility of every argument), and read:
@@ -53,9 +54,11 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .cubin import ARCHS, launch_row
+from tinyfuse.kernels._launch import ARCHITECTURES
+
+from .cubin import launch_row
 from .ops import op_modules
-from .recording import Account, distinct_bytes, host_syncs, recorded_launches
+from .recording import Account, distinct_bytes, host_syncs
 from .report import static_table, write_static
 
 
@@ -79,18 +82,16 @@ class _EmptyInputs(TorchFunctionMode):
 def measure_pass(fn, inputs, arch):
     """{pass: launches, aten ops and bytes} of fn's forward, then its backward, with launch
     sizes chosen for sm_<arch>."""
-    account = Account()
     out = {}
-    with recorded_launches(arch) as launches, account:
+    with Account(arch) as account:
         result = fn(*inputs)
-    out["fwd"] = (list(launches), list(account.ops))
+    out["fwd"] = (account.launches, account.ops)
     outs = result if isinstance(result, tuple) else (result,)
     leaves = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
     grads = [torch.empty_like(o) for o in outs]
-    account = Account()
-    with recorded_launches(arch) as launches, account:
+    with Account(arch) as account:
         torch.autograd.grad(outs, leaves, grads, allow_unused=True)
-    out["bwd"] = (list(launches), list(account.ops))
+    out["bwd"] = (account.launches, account.ops)
     rows = {}
     for p, (launched, ops) in out.items():
         moved = sum(distinct_bytes(list(a) + list(kw.values())) for f, _, a, kw in launched
@@ -147,14 +148,14 @@ def step_account(name, tokens=64):
                                       seq_len=seq, device="cpu", kernels="triton", sample_tokens=0)), quiet=True)
         trainer.use_compute_dtype(torch.bfloat16)  # as on a GPU: bf16 autocast and working copies
         try:
-            with recorded_launches(zero=True), Account(zero=True):  # CUDA-only ops are faked here too
+            with Account(zero=True):  # CUDA-only ops are faked here too
                 trainer.train_step()
             account = Account(zero=True)
-            with recorded_launches(zero=True) as launches, host_syncs(account), account:
+            with host_syncs(account), account:
                 trainer.train_step()
         finally:
             trainer.close()
-    aten = [o for o in account.ops]
+    launches, aten = account.launches, account.ops
     casts = [{"op": o["op"], "from": o["cast"][0], "to": o["cast"][1], "bytes": o["bytes"], "line": o["line"]}
              for o in aten if o["cast"]]
     concats = [{"bytes": o["bytes"], "line": o["line"]} for o in aten if o["op"].startswith("aten.cat")]
@@ -167,9 +168,9 @@ def step_account(name, tokens=64):
 
 def run(arches=(90,), ops=None, steps=True, progress=None):
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
-    unknown = [a for a in arches if a not in ARCHS]
+    unknown = [a for a in arches if a not in ARCHITECTURES]
     if unknown:
-        raise ValueError(f"--arch {unknown}: known architectures are {', '.join(map(str, ARCHS))}")
+        raise ValueError(f"--arch {unknown}: known architectures are {', '.join(map(str, ARCHITECTURES))}")
     start = time.perf_counter()
     result = {"arch": list(arches), "kernels": kernel_rows(arches, ops, progress), "steps": []}
     if steps:

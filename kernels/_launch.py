@@ -1,12 +1,25 @@
-"""Input checks and launch heuristics shared by the ops.
+"""Input checks, the machine launches are planned for, and the one launch-size rule.
 
 Every public op validates its arguments here before anything is launched, so a
 bad call fails with a message that names the argument instead of a Triton
 compile error or a wrong answer.
+
+Launch plans are explicit. A `Target` is the machine a plan is for: resolved once per
+device (`target_of`: a CUDA device's SMs, shared memory, memory and the occupancy of the
+binaries its JIT builds; Triton's interpreter), or named (`ARCHITECTURES`: the static
+report's sm_90 and sm_80, whose occupancy it reads from the compiled cubin and whose
+launches it records). Each op plans a launch with a pure function of its operands and
+a Target, into a frozen `Plan` (kernel, grid, warps, constexprs), and launches the plan
+through the target with keyword arguments. The ops are torch.library custom ops whose
+bodies take the target first (`op_on_target`): called as ops, they run on their
+tensors' device; the static report calls the same bodies with its own target.
 """
+import dataclasses
 import functools
+import inspect
 import math
 import os
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -16,12 +29,6 @@ from . import _compat
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the op
 # modules are imported: read it at the same moment so the check agrees.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Set by tinyfuse.bench.static while it records launches without running them: CPU
-# tensors then stand in for device ones (only their shapes, strides and alignment count),
-# and launch sizes are chosen for a GPU of RECORDING_SMS multiprocessors.
-RECORDING = False
-RECORDING_SMS = 132
-RECORDING_MEMORY = 80 << 30  # an H100's
 
 if INTERPRETER:
     _compat.interpreter_loop_bounds_fix()
@@ -52,7 +59,8 @@ def check_same_dtype(**tensors):
 
 
 def check_device(**tensors):
-    """All tensors on one device, and one that Triton can run on."""
+    """All tensors on one device. (Whether Triton can run there is the op's target's
+    question: `op_on_target`.)"""
     (first_name, first), *rest = tensors.items()
     for name, t in rest:
         if t.device != first.device:
@@ -60,12 +68,6 @@ def check_device(**tensors):
                 f"{name}: expected a tensor on {first.device} (the device of {first_name}); "
                 f"got one on {t.device}"
             )
-    if first.device.type == "cpu" and not (INTERPRETER or RECORDING):
-        raise RuntimeError(
-            f"{first_name}: tinyfuse's Triton kernels need CUDA tensors; got a CPU tensor. "
-            "Use tinyfuse.kernels.reference for plain-PyTorch versions of the same ops, or set "
-            "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter."
-        )
 
 
 def check_hidden(name, n):
@@ -83,11 +85,141 @@ def as_rows(x):
     return unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
-# Launch sizes: one rule for every row kernel (rms_norm, rope, swiglu, the losses' rows).
-# A program holds ROWS rows of row_elements values each; ROWS is the largest power of two up
-# to target_elements a program whose grid leaves at most MAX_IDLE of the last wave's slots
-# idle, judged from the occupancy of the binary each choice compiles to (a CUDA device, or
-# sm_90 in the static report). The interpreter takes the largest: it has no occupancy.
+# ---------------------------------------------------------------- targets and plans
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One launch as planned: the kernel, its grid, its warps and its constexprs (rows per
+    program among them). Launched with keyword arguments only: the plan's and the operands'."""
+    kernel: object
+    grid: tuple
+    num_warps: int
+    constexprs: tuple = ()  # (name, value) pairs
+
+    def kwargs(self, operands):
+        return {**operands, **dict(self.constexprs), "num_warps": self.num_warps}
+
+
+def run_plan(plan, operands):
+    plan.kernel[plan.grid](**plan.kwargs(operands))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The machine launches are planned for."""
+    name: str
+    sms: int  # streaming multiprocessors (the interpreter's 4: a few programs, so multi-program paths run)
+    smem_per_sm: int  # bytes of shared memory an SM holds
+    memory: int  # bytes of device memory (the linear loss may store an eighth)
+    float32_products: bool  # half GEMMs write float32 outputs (cuBLAS's out_dtype; CPU has none)
+    registers_per_sm: int = 65536  # sm_80 and sm_90 alike
+    # (plan, operands) -> blocks of plan's binary resident per SM; None: no occupancy (the
+    # interpreter), where the largest program is taken.
+    occupancy: Optional[Callable] = None
+    # (plan, operands): runs the plan (run_plan) or records it; None: Triton cannot run here.
+    launch: Optional[Callable] = None
+
+
+# The static report's architectures: what a plan for them reads (occupancy and launch are
+# the report's own). Memory: 80 GB parts.
+ARCHITECTURES = {
+    90: Target(name="sm_90 (H100)", sms=132, smem_per_sm=228 * 1024, memory=80 << 30, float32_products=True),
+    80: Target(name="sm_80 (A100)", sms=108, smem_per_sm=164 * 1024, memory=80 << 30, float32_products=True),
+}
+# Triton's interpreter: 4 SMs and no occupancy (a few programs, so the multi-row loops and
+# the partials run); 2 GiB, so the linear loss's budget (256 MiB) sends large cases through chunks.
+INTERPRETER_TARGET = Target(name="Triton's interpreter", sms=4, smem_per_sm=228 * 1024, memory=2 << 30,
+                            float32_products=False, launch=run_plan)
+CPU_TARGET = dataclasses.replace(INTERPRETER_TARGET, name="CPU (no Triton)", launch=None)
+
+
+def target_of(device):
+    """The Target of a device: a CUDA device's own (resolved once), Triton's interpreter
+    when it is on, else CPU_TARGET, where the ops' torch work runs and no kernel does."""
+    if device.type == "cuda":
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_TARGET if INTERPRETER else CPU_TARGET
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index):
+    props = torch.cuda.get_device_properties(index)
+    return Target(name=f"cuda:{index} ({props.name})", sms=props.multi_processor_count,
+                  smem_per_sm=props.shared_memory_per_multiprocessor, memory=props.total_memory,
+                  float32_products=True, occupancy=functools.partial(_cuda_occupancy, index), launch=run_plan)
+
+
+_resident = {}
+
+
+def _cuda_occupancy(index, plan, operands):
+    """Blocks resident per SM of the binary the JIT builds for this launch on device
+    `index`, from its registers and shared memory; cached under the launch's binary_key."""
+    kwargs = plan.kwargs(operands)
+    key = binary_key(plan.kernel, (), kwargs), index
+    if key not in _resident:
+        compiled = plan.kernel.warmup(grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the binary: n_regs is known from here
+        _resident[key] = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, plan.num_warps, _cuda_target(index))
+    return _resident[key]
+
+
+def blocks_per_sm(registers, shared_bytes, num_warps, target):
+    """Resident blocks per SM (sm_80/sm_90 limits: 64 warps, 32 blocks; registers allocated
+    per warp in units of 256 and warps in 4s; 1 KiB of shared memory reserved per block)."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = ((target.registers_per_sm // regs_per_warp) // 4 * 4) // num_warps
+    by_smem = target.smem_per_sm // (shared_bytes + 1024) if shared_bytes else 32
+    return max(0, min(32, 64 // num_warps, by_regs, by_smem))
+
+
+def resident_programs(target, plan, operands):
+    """How many programs of plan fit on the target at once (one full wave). A reduction
+    launched with this many programs writes as few partials as keep every SM busy, and
+    has no last wave. Without occupancy (the interpreter): 4, so the multi-row loop and
+    the partials run."""
+    if target.occupancy is None:
+        return 4
+    return max(1, target.occupancy(plan, operands)) * target.sms
+
+
+def op_on_target(name, mutates_args=(), kernels=True):
+    """Registers body(target, *args) as the torch.library custom op `name`, whose schema is
+    body's without the target. Called as an op, body runs on the target of its first
+    tensor's device; an op that launches kernels (`kernels`) refuses a device Triton
+    cannot run on, naming that argument. `op.on_target` is body itself, for a caller that
+    chooses the target (the static report, for an architecture it has no device of)."""
+    def register(body):
+        signature = inspect.signature(body)
+        params = list(signature.parameters.values())[1:]
+        first = next(i for i, p in enumerate(params) if p.annotation is torch.Tensor)
+
+        def op(*args, **kwargs):
+            tensor = args[first] if first < len(args) else kwargs[params[first].name]
+            target = target_of(tensor.device)
+            if kernels and target.launch is None:
+                raise RuntimeError(
+                    f"{params[first].name}: tinyfuse's Triton kernels need CUDA tensors; got a {tensor.device.type.upper()} "
+                    "tensor. Use tinyfuse.kernels.reference for plain-PyTorch versions of the same ops, or set "
+                    "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter.")
+            return body(target, *args, **kwargs)
+
+        op.__name__, op.__qualname__, op.__doc__, op.__module__ = (body.__name__, body.__qualname__, body.__doc__,
+                                                                   body.__module__)
+        op.__signature__ = signature.replace(parameters=params)
+        custom = torch.library.custom_op(name, op, mutates_args=mutates_args)
+        custom.on_target = body
+        return custom
+    return register
+
+
+# ---------------------------------------------------------------- the launch-size rule
+
+# One rule for every row kernel (rms_norm, rope, swiglu, the losses' rows). A program
+# holds ROWS rows of row_elements values each; ROWS is the largest power of two up to
+# target_elements a program whose grid leaves at most MAX_IDLE of the last wave's slots
+# idle, judged from the occupancy of the binary each choice compiles to. Without
+# occupancy (the interpreter) the largest is taken.
 MAX_IDLE = 0.1
 # Each thread holds at least one 16-byte vector of 16-bit values: 4 warps x 32 x 8.
 MIN_PROGRAM_ELEMENTS = 1024
@@ -106,52 +238,30 @@ def idle_share(programs, per_wave):
     return 1.0 - waves / math.ceil(waves)
 
 
-def rows_per_program(kernel, args, kwargs, device, m, row_elements, columns=1, target_elements=4096,
-                     max_rows=64, per_thread=32, rows_arg="ROWS"):
-    """(ROWS, num_warps) for a kernel over m rows (times columns blocks of columns) whose
-    programs hold ROWS rows of row_elements values. args, kwargs: the launch's arguments
-    but ROWS and the warps."""
+def plan_rows(target, kernel, operands, constexprs, m, row_elements, *, columns=1, target_elements=4096,
+              max_rows=64, per_thread=32, rows_arg="ROWS"):
+    """The Plan of kernel over m rows (times `columns` blocks of columns: a second grid
+    axis) whose programs hold rows_arg rows of row_elements values, with these
+    constexprs; operands are the launch's own (their dtypes and alignment decide the
+    binary whose occupancy is judged)."""
     fit = max(1, min(max_rows, target_elements // max(row_elements, 1)))
     rows = 1 << (fit.bit_length() - 1)  # a power of two: the kernels' tl.arange
     candidates = [rows]
     while rows > 1 and (rows // 2) * row_elements >= MIN_PROGRAM_ELEMENTS:
         rows //= 2
         candidates.append(rows)
-    choices = [(r, warps_for(r * row_elements, per_thread)) for r in candidates]
-    if m * columns == 0 or not (device.type == "cuda" or RECORDING):
-        return choices[0]
+    plans = [Plan(kernel, (triton.cdiv(m, r),) + ((columns,) if columns > 1 else ()),
+                  warps_for(r * row_elements, per_thread), (*constexprs.items(), (rows_arg, r))) for r in candidates]
+    if m * columns == 0 or target.occupancy is None:
+        return plans[0]
     best = None
-    for r, warps in choices:
-        per_wave = resident_programs(kernel, args, {**kwargs, rows_arg: r, "num_warps": warps}, device)
-        idle = idle_share(triton.cdiv(m, r) * columns, per_wave)
+    for plan in plans:
+        idle = idle_share(math.prod(plan.grid), resident_programs(target, plan, operands))
         if idle <= MAX_IDLE:
-            return r, warps
+            return plan
         if best is None or idle < best[0]:
-            best = idle, r, warps
-    return best[1:]
-
-
-# Set by the static report while it records: blocks of a kernel resident per SM for these
-# launch arguments, found by compiling it for the architecture being reported.
-RECORDING_OCCUPANCY = None
-
-
-def blocks_per_sm(registers, shared_bytes, num_warps, smem_per_sm):
-    """Resident blocks per SM (sm_80/sm_90 limits: 64K registers, 64 warps, 32 blocks;
-    registers allocated per warp in units of 256 and warps in 4s; 1 KiB of shared memory
-    reserved per block)."""
-    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_regs = ((65536 // regs_per_warp) // 4 * 4) // num_warps
-    by_smem = smem_per_sm // (shared_bytes + 1024) if shared_bytes else 32
-    return max(0, min(32, 64 // num_warps, by_regs, by_smem))
-
-
-def multiprocessors(device):
-    """SMs of the device the launch sizes are chosen for (4 in the interpreter: a few
-    programs, so multi-program paths run)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return RECORDING_SMS if RECORDING else 4
+            best = idle, plan
+    return best[1]
 
 
 def _specialisation(value):
@@ -181,29 +291,3 @@ def binary_key(kernel, args, kwargs):
     return (kernel, *map(_specialisation, args),
             *((name, _specialisation(value) if name in runtime or isinstance(value, torch.Tensor) else value)
               for name, value in kwargs.items()))
-
-
-_resident = {}
-
-
-def resident_programs(kernel, args, kwargs, device):
-    """How many programs of kernel fit on the device at once (one full wave), from the
-    registers and shared memory of the binary the JIT builds for these arguments. A
-    reduction launched with this many programs writes as few partials as keep every SM
-    busy, and has no last wave. On CUDA the answer is cached under the device and the
-    launch's binary_key."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = binary_key(kernel, args, kwargs), index
-        if key not in _resident:
-            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-            compiled._init_handles()  # loads the binary: n_regs is known from here
-            props = torch.cuda.get_device_properties(index)
-            _resident[key] = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"],
-                                           props.shared_memory_per_multiprocessor)
-        blocks = _resident[key]
-    elif RECORDING:
-        blocks = RECORDING_OCCUPANCY(kernel, args, kwargs)
-    else:
-        return 4  # the interpreter: a few programs, so the multi-row loop and the partials run
-    return max(1, blocks) * multiprocessors(device)

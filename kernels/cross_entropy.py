@@ -24,11 +24,13 @@ and the row's loss and gradient are NaN, so the error shows in the loss.
 import math
 import os
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_float, resident_programs, unit_last_stride, warps_for
+from ._launch import Plan, check_device, check_float, op_on_target, resident_programs, unit_last_stride, warps_for
 
 _FLOOR = tl.constexpr(-1.0e30)  # stands in for -inf in masked lanes: exp(_FLOOR - m) is 0, never NaN
 
@@ -150,7 +152,13 @@ def _row_warps(block_v):
     return warps_for(block_v, per_thread=8, least=1, most=8)
 
 
-def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits=None,
+def plan_row_kernel(kernel, n, v, **constexprs):
+    """One program a row of V logits, in blocks of min(V, 4096)."""
+    block_v = _block_v(v)
+    return Plan(kernel, (n,), _row_warps(block_v), (("BLOCK_V", block_v), *constexprs.items()))
+
+
+def cross_entropy_rows(target, logits, target_ids, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits=None,
                        grad_scale=None, logit_scale=1.0, softcap=0.0):
     """Per-row float32 loss and logsumexp of logits [N, V] (seen through the logit scale
     and the soft cap; softcap 0: none) into loss and lse; with grad_logits (may be logits
@@ -158,60 +166,61 @@ def cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, lo
     launch (launch only)."""
     n, v = logits.shape
     write_grad = grad_logits is not None
-    block_v = _block_v(v)
     if n > 0:
-        _cross_entropy_forward_kernel[(n,)](logits, target, loss, lse, grad_logits if write_grad else logits,
-                                            grad_scale if write_grad else lse, v, logits.stride(0),
-                                            grad_logits.stride(0) if write_grad else 0, ignore_index,
-                                            label_smoothing, z_loss, BLOCK_V=block_v, WRITE_GRAD=write_grad,
-                                            LOGIT_SCALE=logit_scale, SOFTCAP=softcap, num_warps=_row_warps(block_v))
+        plan = plan_row_kernel(_cross_entropy_forward_kernel, n, v, WRITE_GRAD=write_grad, LOGIT_SCALE=logit_scale,
+                               SOFTCAP=softcap)
+        target.launch(plan, dict(X=logits, TARGET=target_ids, LOSS=loss, LSE=lse,
+                                 DX=grad_logits if write_grad else logits, GRAD_SCALE=grad_scale if write_grad else lse,
+                                 V=v, stride_x=logits.stride(0), stride_dx=grad_logits.stride(0) if write_grad else 0,
+                                 ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss))
 
 
-def cross_entropy_grad_rows(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, grad_logits,
-                            logit_scale=1.0, softcap=0.0):
+def cross_entropy_grad_rows(target, logits, target_ids, lse, grad_loss, ignore_index, label_smoothing, z_loss,
+                            grad_logits, logit_scale=1.0, softcap=0.0):
     """Gradient of the per-row losses, scaled by grad_loss [N], into grad_logits (may be logits itself)."""
     n, v = logits.shape
-    block_v = _block_v(v)
     if n > 0:
-        _cross_entropy_backward_kernel[(n,)](logits, target, lse, grad_loss, grad_logits, v, logits.stride(0),
-                                             grad_logits.stride(0), grad_loss.stride(0), ignore_index,
-                                             label_smoothing, z_loss, BLOCK_V=block_v, LOGIT_SCALE=logit_scale,
-                                             SOFTCAP=softcap, num_warps=_row_warps(block_v))
+        plan = plan_row_kernel(_cross_entropy_backward_kernel, n, v, LOGIT_SCALE=logit_scale, SOFTCAP=softcap)
+        target.launch(plan, dict(X=logits, TARGET=target_ids, LSE=lse, DLOSS=grad_loss, DX=grad_logits, V=v,
+                                 stride_x=logits.stride(0), stride_dx=grad_logits.stride(0),
+                                 stride_dloss=grad_loss.stride(0), ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, z_loss=z_loss))
 
 
-@torch.library.custom_op("tinyfuse::cross_entropy_forward", mutates_args=())
-def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float,
-                          z_loss: float, logit_scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+@op_on_target("tinyfuse::cross_entropy_forward")
+def cross_entropy_forward(target, logits: torch.Tensor, target_ids: torch.Tensor, ignore_index: int,
+                          label_smoothing: float, z_loss: float, logit_scale: float,
+                          softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = unit_last_stride(logits)
     n = logits.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-    cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss, loss, lse, logit_scale=logit_scale,
-                       softcap=softcap)
+    cross_entropy_rows(target, logits, target_ids, ignore_index, label_smoothing, z_loss, loss, lse,
+                       logit_scale=logit_scale, softcap=softcap)
     return loss, lse
 
 
 @cross_entropy_forward.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap):
+def _(logits, target_ids, ignore_index, label_smoothing, z_loss, logit_scale, softcap):
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("tinyfuse::cross_entropy_backward", mutates_args=("grad_logits",))
-def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
-                           ignore_index: int, label_smoothing: float, z_loss: float, logit_scale: float,
-                           softcap: float, grad_logits: torch.Tensor) -> None:
-    cross_entropy_grad_rows(unit_last_stride(logits), target, lse, grad_loss, ignore_index, label_smoothing,
-                            z_loss, grad_logits, logit_scale, softcap)
+@op_on_target("tinyfuse::cross_entropy_backward", mutates_args=("grad_logits",))
+def cross_entropy_backward(target, logits: torch.Tensor, target_ids: torch.Tensor, lse: torch.Tensor,
+                           grad_loss: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                           logit_scale: float, softcap: float, grad_logits: torch.Tensor) -> None:
+    cross_entropy_grad_rows(target, unit_last_stride(logits), target_ids, lse, grad_loss, ignore_index,
+                            label_smoothing, z_loss, grad_logits, logit_scale, softcap)
 
 
 @cross_entropy_backward.register_fake
-def _(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, logit_scale, softcap, grad_logits):
+def _(logits, target_ids, lse, grad_loss, ignore_index, label_smoothing, z_loss, logit_scale, softcap, grad_logits):
     return None
 
 
-@torch.library.custom_op("tinyfuse::cross_entropy_forward_grad", mutates_args=("grad_logits",))
-def cross_entropy_forward_grad(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.Tensor,
+@op_on_target("tinyfuse::cross_entropy_forward_grad", mutates_args=("grad_logits",))
+def cross_entropy_forward_grad(target, logits: torch.Tensor, target_ids: torch.Tensor, grad_scale: torch.Tensor,
                                ignore_index: int, label_smoothing: float, z_loss: float, logit_scale: float,
                                softcap: float, grad_logits: torch.Tensor) -> torch.Tensor:
     """Per-row float32 losses, and into grad_logits (may be logits itself) the gradient of
@@ -219,27 +228,32 @@ def cross_entropy_forward_grad(logits: torch.Tensor, target: torch.Tensor, grad_
     n = logits.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-    cross_entropy_rows(unit_last_stride(logits), target, ignore_index, label_smoothing, z_loss, loss, lse,
+    cross_entropy_rows(target, unit_last_stride(logits), target_ids, ignore_index, label_smoothing, z_loss, loss, lse,
                        grad_logits, grad_scale, logit_scale, softcap)
     return loss
 
 
 @cross_entropy_forward_grad.register_fake
-def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, logit_scale, softcap, grad_logits):
+def _(logits, target_ids, grad_scale, ignore_index, label_smoothing, z_loss, logit_scale, softcap, grad_logits):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("tinyfuse::scale_gradient_", mutates_args=("grad",))
-def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+def plan_scale(target, operands, blocks):
+    """One wave of programs at most (sized with 2 blocks a program: 1 would be specialised
+    into a different binary), each taking an equal run of [1, 4096] blocks."""
+    plan = Plan(_scale_unless_one_kernel, (1,), 8, (("BLOCK_V", 4096),))
+    programs = min(blocks, resident_programs(target, plan, dict(operands, blocks_per_program=2)))
+    return dataclasses.replace(plan, grid=(programs,)), triton.cdiv(blocks, programs)
+
+
+@op_on_target("tinyfuse::scale_gradient_", mutates_args=("grad",))
+def scale_gradient_(target, grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad [N, V] *= scale (a device scalar) in place; no memory is touched when scale is 1."""
     n, v = grad.shape
     if grad.numel() > 0:
-        blocks = n * triton.cdiv(v, 4096)
-        operands = dict(G=grad, SCALE=scale, N=n, V=v, stride_g=grad.stride(0), BLOCK_V=4096, num_warps=8)
-        # sized with 2 blocks a program (1 would be specialised into a different binary)
-        programs = min(blocks, resident_programs(_scale_unless_one_kernel, [], dict(operands, blocks_per_program=2),
-                                                 grad.device))
-        _scale_unless_one_kernel[(programs,)](**operands, blocks_per_program=triton.cdiv(blocks, programs))
+        operands = dict(G=grad, SCALE=scale, N=n, V=v, stride_g=grad.stride(0))
+        plan, per_program = plan_scale(target, operands, n * triton.cdiv(v, 4096))
+        target.launch(plan, dict(operands, blocks_per_program=per_program))
 
 
 @scale_gradient_.register_fake

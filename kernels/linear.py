@@ -11,34 +11,41 @@ writes float32 from bf16 operands), so nothing is cast back either. The master w
 stays the autograd leaf: its gradient is float32, accumulated as such over micro-batches.
 
 The float32-output products (`mm_float32`, `accumulate_float32`) are also what the fused
-linear cross-entropy uses for its weight gradient.
+linear cross-entropy uses for its weight gradient. Whether a device has them is its
+target's `float32_products` (kernels._launch.Target): cuBLAS does, CPU does not. The
+model's weight gradient is an op (`tinyfuse::mm_float32`) so that the static report can
+run it on its sm_90 target, as every other target-dependent choice (a measured host
+cost of ~7 us a call on this CPU, replayed for nothing inside a CUDA graph).
 """
 import torch
 import torch.nn.functional as F
 
-from . import _launch
+from ._launch import op_on_target
 
 
-def _on_tensor_cores(a):
-    """Whether a's products go through cuBLAS with a float32 output (CUDA, or recorded for one)."""
-    return a.is_cuda or _launch.RECORDING
-
-
-def mm_float32(a, b):
-    """a @ b with a float32 result: on CUDA the product stays on the bf16/fp16 tensor cores."""
+@op_on_target("tinyfuse::mm_float32", kernels=False)
+def mm_float32(target, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result: where the target has float32 products (CUDA) the
+    product stays on the bf16/fp16 tensor cores."""
     if a.dtype == torch.float32:
         return a @ b
-    if _on_tensor_cores(a):
+    if target.float32_products:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 
-def accumulate_float32(acc, a, b):
-    """acc += a @ b in place, acc float32; on CUDA the product stays on the bf16/fp16
-    tensor cores and cuBLAS adds it into acc (beta = 1), with no float32 temporary."""
+@mm_float32.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+
+def accumulate_float32(target, acc, a, b):
+    """acc += a @ b in place, acc float32; where the target has float32 products (CUDA)
+    the product stays on the bf16/fp16 tensor cores and cuBLAS adds it into acc (beta = 1),
+    with no float32 temporary."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _on_tensor_cores(a):
+    elif target.float32_products:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())

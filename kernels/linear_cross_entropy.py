@@ -17,15 +17,14 @@ Two paths, chosen by the size of the logits against a memory budget:
 
 The budget defaults to 1/8 of the device's memory on CUDA (a fixed figure, not the
 free memory of the moment: the choice must be the same every step, for CUDA graphs
-and compiled graphs alike) and 256 MiB elsewhere; memory_budget=0 forces chunks.
+and compiled graphs alike) and 256 MiB elsewhere; memory_budget=0 forces chunks. The
+forward op decides, from its target's memory (kernels._launch.Target).
 """
-import functools
 from typing import Optional
 
 import torch
 
-from . import _launch
-from ._launch import check_device, check_float, check_same_dtype
+from ._launch import check_device, check_float, check_same_dtype, op_on_target, target_of
 from .linear import accumulate_float32, check_working_copy, mm_float32
 from .cross_entropy import (check_logit_transform, check_loss_options, check_target_range, cross_entropy_grad_rows,
                             cross_entropy_rows, reduce_loss)
@@ -39,19 +38,11 @@ def default_chunk_size(n, v, d):
     return max(1, min(n, max(256, 1 << max(rows, 1).bit_length() - 1)))
 
 
-@functools.lru_cache(maxsize=None)
-def _device_memory(index):
-    return torch.cuda.get_device_properties(index).total_memory
-
-
-def default_memory_budget(device):
-    """Bytes the stored gradient may take: 1/8 of a CUDA device's memory, 256 MiB elsewhere
-    (while the static report records launches: 1/8 of the GPU it stands for)."""
-    if device.type == "cuda":
-        return _device_memory(device.index if device.index is not None else torch.cuda.current_device()) // 8
-    if _launch.RECORDING:
-        return _launch.RECORDING_MEMORY // 8
-    return 256 << 20
+def stores_gradient(target, n, v, itemsize, wants_grad, memory_budget):
+    """Whether the forward forms the [N, V] gradient: a gradient is wanted and it fits the
+    budget (None: 1/8 of the target's memory; the interpreter's and CPU's is 256 MiB)."""
+    budget = target.memory // 8 if memory_budget is None else memory_budget
+    return wants_grad and n * v * itemsize <= budget
 
 
 def _logits(hidden, weight, bias):
@@ -60,40 +51,41 @@ def _logits(hidden, weight, bias):
     return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
 
 
-@torch.library.custom_op("tinyfuse::linear_cross_entropy_forward", mutates_args=())
-def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                 target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                                 logit_scale: float, softcap: float, chunk_size: int,
-                                 store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row float32 loss and logsumexp; with store_grad also the unit-weight gradient of
-    the logits [N, V] (otherwise an empty [0, V] tensor)."""
+@op_on_target("tinyfuse::linear_cross_entropy_forward")
+def linear_cross_entropy_forward(target, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 target_ids: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                                 logit_scale: float, softcap: float, chunk_size: int, wants_grad: bool,
+                                 memory_budget: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row float32 loss and logsumexp; when the gradient is stored (stores_gradient)
+    also the unit-weight gradient of the logits [N, V] (otherwise an empty [0, V] tensor)."""
     n, v = hidden.shape[0], weight.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    if store_grad:
+    if stores_gradient(target, n, v, hidden.element_size(), wants_grad, memory_budget):
         grad_logits = _logits(hidden, weight, bias)
         unit = torch.ones((), dtype=torch.float32, device=hidden.device)
-        cross_entropy_rows(grad_logits, target, ignore_index, label_smoothing, z_loss, loss, lse, grad_logits, unit,
-                           logit_scale, softcap)
+        cross_entropy_rows(target, grad_logits, target_ids, ignore_index, label_smoothing, z_loss, loss, lse,
+                           grad_logits, unit, logit_scale, softcap)
         return loss, lse, grad_logits
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        cross_entropy_rows(_logits(hidden[rows], weight, bias), target[rows], ignore_index, label_smoothing, z_loss,
-                           loss[rows], lse[rows], logit_scale=logit_scale, softcap=softcap)
+        cross_entropy_rows(target, _logits(hidden[rows], weight, bias), target_ids[rows], ignore_index,
+                           label_smoothing, z_loss, loss[rows], lse[rows], logit_scale=logit_scale, softcap=softcap)
     return loss, lse, hidden.new_empty((0, v))
 
 
 @linear_cross_entropy_forward.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size,
-      store_grad):
+def _(hidden, weight, bias, target_ids, ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size,
+      wants_grad, memory_budget):
     n, v = hidden.shape[0], weight.shape[0]
+    stored = stores_gradient(target_of(hidden.device), n, v, hidden.element_size(), wants_grad, memory_budget)
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
-            hidden.new_empty((n if store_grad else 0, v)))
+            hidden.new_empty((n if stored else 0, v)))
 
 
-@torch.library.custom_op("tinyfuse::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                  target: torch.Tensor, lse: torch.Tensor, grad_logits: torch.Tensor,
+@op_on_target("tinyfuse::linear_cross_entropy_backward")
+def linear_cross_entropy_backward(target, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  target_ids: torch.Tensor, lse: torch.Tensor, grad_logits: torch.Tensor,
                                   grad_loss: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
                                   logit_scale: float, softcap: float,
                                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,10 +97,11 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, bi
     n, v = hidden.shape[0], weight.shape[0]
     if grad_logits.shape[0] == n and n > 0:
         # Ignored rows carry a zero gradient whatever the upstream value (inf for an all-ignored "mean").
-        g = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
-        grad_hidden = (mm_float32(grad_logits, weight) * g).to(hidden.dtype)
-        grad_bias = mm_float32(grad_logits.T, g.to(hidden.dtype))[:, 0] if bias is not None else g.new_empty(0)
-        return grad_hidden, mm_float32(grad_logits.T, (hidden * g).to(hidden.dtype)), grad_bias
+        g = torch.where(target_ids != ignore_index, grad_loss, 0.0)[:, None]
+        grad_hidden = (mm_float32.on_target(target, grad_logits, weight) * g).to(hidden.dtype)
+        grad_bias = (mm_float32.on_target(target, grad_logits.T, g.to(hidden.dtype))[:, 0] if bias is not None
+                     else g.new_empty(0))
+        return grad_hidden, mm_float32.on_target(target, grad_logits.T, (hidden * g).to(hidden.dtype)), grad_bias
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     grad_bias = torch.zeros((v if bias is not None else 0, 1), dtype=torch.float32, device=weight.device)
@@ -116,18 +109,18 @@ def linear_cross_entropy_backward(hidden: torch.Tensor, weight: torch.Tensor, bi
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
         logits = _logits(hidden[rows], weight, bias)
-        cross_entropy_grad_rows(logits, target[rows], lse[rows], grad_loss[rows], ignore_index, label_smoothing,
-                                z_loss, logits, logit_scale, softcap)
+        cross_entropy_grad_rows(target, logits, target_ids[rows], lse[rows], grad_loss[rows], ignore_index,
+                                label_smoothing, z_loss, logits, logit_scale, softcap)
         torch.mm(logits, weight, out=grad_hidden[rows])
-        accumulate_float32(grad_weight, logits.T, hidden[rows])
+        accumulate_float32(target, grad_weight, logits.T, hidden[rows])
         if bias is not None:
-            accumulate_float32(grad_bias, logits.T, ones[: logits.shape[0]])
+            accumulate_float32(target, grad_bias, logits.T, ones[: logits.shape[0]])
     return grad_hidden, grad_weight, grad_bias[:, 0]
 
 
 @linear_cross_entropy_backward.register_fake
-def _(hidden, weight, bias, target, lse, grad_logits, grad_loss, ignore_index, label_smoothing, z_loss, logit_scale,
-      softcap, chunk_size):
+def _(hidden, weight, bias, target_ids, lse, grad_logits, grad_loss, ignore_index, label_smoothing, z_loss,
+      logit_scale, softcap, chunk_size):
     return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape, dtype=torch.float32),
             weight.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32))
 
@@ -135,7 +128,7 @@ def _(hidden, weight, bias, target, lse, grad_logits, grad_loss, ignore_index, l
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap,
-                chunk_size, store_grad, working_weight):
+                chunk_size, wants_grad, memory_budget, working_weight):
         # Float32 master weights with half activations: the products run in hidden's dtype
         # (from the caller's working copy, else from one cast), and the weight's gradient
         # comes back from its float32 accumulation as it is (never rounded to half and
@@ -143,7 +136,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         w = weight.to(hidden.dtype) if working_weight is None else working_weight
         b = bias.to(hidden.dtype) if bias is not None else None
         loss, lse, grad_logits = torch.ops.tinyfuse.linear_cross_entropy_forward(
-            hidden, w, b, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size, store_grad)
+            hidden, w, b, target, ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size, wants_grad,
+            memory_budget)
         ctx.save_for_backward(hidden, w, b, target, lse, grad_logits)
         ctx.options = ignore_index, label_smoothing, z_loss, logit_scale, softcap, chunk_size
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
@@ -156,7 +150,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden, w, b, target, lse, grad_logits, grad_loss, *ctx.options)
         grad_bias = grad_bias.to(ctx.bias_dtype) if b is not None else None
         return (grad_hidden, grad_weight.to(ctx.weight_dtype), grad_bias, None, None, None, None, None, None, None,
-                None, None)
+                None, None, None)
 
 
 def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -198,17 +192,14 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
         chunk_size = default_chunk_size(n, v, d)
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None; got {chunk_size!r}")
-    if memory_budget is None:
-        memory_budget = default_memory_budget(hidden.device)
-    elif not isinstance(memory_budget, int) or memory_budget < 0:
+    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 0):
         raise ValueError(f"memory_budget: expected bytes as an int >= 0 or None; got {memory_budget!r}")
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                               (bias is not None and bias.requires_grad))
-    store_grad = wants_grad and n * v * hidden.element_size() <= memory_budget
     check_target_range(target, v, ignore_index)
     loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, target, ignore_index, float(label_smoothing),
-                                            float(z_loss), logit_scale, softcap, chunk_size, store_grad,
-                                            working_weight)
+                                            float(z_loss), logit_scale, softcap, chunk_size, wants_grad,
+                                            memory_budget, working_weight)
     return reduce_loss(loss, target, ignore_index, reduction).to(hidden.dtype)
 
 

@@ -9,14 +9,15 @@ wave of programs, sized from the compiled kernel's registers and shared memory (
 fewest partials that keep every SM busy; fewer where rows are so few that the
 partials would weigh), each looping over its rows in two pipelined stages.
 """
+import dataclasses
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (as_rows, check_device, check_float, check_hidden, check_same_dtype, multiprocessors,
-                      resident_programs, rows_per_program, warps_for)
+from ._launch import (Plan, as_rows, check_device, check_float, check_hidden, check_same_dtype, op_on_target,
+                      plan_rows, resident_programs, warps_for)
 
 
 @triton.jit
@@ -187,7 +188,18 @@ _WHOLE_ROW = 8192
 _OVERHEAD_SHARE = 0.045
 
 
-def _forward(x, residual, weight, eps, offset):
+def plan_forward(target, operands, m, n, offset, has_residual):
+    """The forward's Plan: whole rows held in registers, ROWS of them a program (the row
+    rule), or one row a program in chunks of _WHOLE_ROW beyond that."""
+    constexprs = dict(OFFSET=offset, HAS_RESIDUAL=has_residual)
+    if n > _WHOLE_ROW:
+        return Plan(_rms_norm_forward_kernel, (m,), warps_for(_WHOLE_ROW),
+                    (*constexprs.items(), ("BLOCK_N", _WHOLE_ROW), ("CHUNKS", triton.cdiv(n, _WHOLE_ROW)), ("ROWS", 1)))
+    block_n = triton.next_power_of_2(n)
+    return plan_rows(target, _rms_norm_forward_kernel, operands, dict(constexprs, BLOCK_N=block_n, CHUNKS=1), m, block_n)
+
+
+def _forward(target, x, residual, weight, eps, offset):
     n = x.shape[-1]
     x2 = as_rows(x)
     m = x2.shape[0]
@@ -199,23 +211,16 @@ def _forward(x, residual, weight, eps, offset):
     else:
         r2, h = x2, y
     if m > 0:
-        args = [x2, r2, weight, y, h, rstd, m, n, x2.stride(0), r2.stride(0), eps]
-        if n > _WHOLE_ROW:
-            kwargs = dict(OFFSET=offset, HAS_RESIDUAL=residual is not None, BLOCK_N=_WHOLE_ROW,
-                          CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1, num_warps=warps_for(_WHOLE_ROW))
-        else:
-            kwargs = dict(OFFSET=offset, HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(n),
-                          CHUNKS=1)
-            kwargs["ROWS"], kwargs["num_warps"] = rows_per_program(_rms_norm_forward_kernel, args, kwargs, x.device,
-                                                                   m, kwargs["BLOCK_N"])
-        _rms_norm_forward_kernel[(triton.cdiv(m, kwargs["ROWS"]),)](*args, **kwargs)
+        operands = dict(X=x2, R=r2, W=weight, Y=y, H=h, RSTD=rstd, M=m, N=n, stride_x=x2.stride(0),
+                        stride_r=r2.stride(0), eps=eps)
+        target.launch(plan_forward(target, operands, m, n, offset, residual is not None), operands)
     return y.view(x.shape), h.view(x.shape), rstd
 
 
-@torch.library.custom_op("tinyfuse::rms_norm_forward", mutates_args=())
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+@op_on_target("tinyfuse::rms_norm_forward")
+def rms_norm_forward(target, x: torch.Tensor, weight: torch.Tensor, eps: float,
                      offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, _, rstd = _forward(x, None, weight, eps, offset)
+    y, _, rstd = _forward(target, x, None, weight, eps, offset)
     return y, rstd
 
 
@@ -224,10 +229,10 @@ def _(x, weight, eps, offset):
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
-@torch.library.custom_op("tinyfuse::add_rms_norm_forward", mutates_args=())
-def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+@op_on_target("tinyfuse::add_rms_norm_forward")
+def add_rms_norm_forward(target, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                          eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, residual, weight, eps, offset)
+    return _forward(target, x, residual, weight, eps, offset)
 
 
 @add_rms_norm_forward.register_fake
@@ -235,8 +240,41 @@ def _(x, residual, weight, eps, offset):
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
-@torch.library.custom_op("tinyfuse::rms_norm_backward", mutates_args=())
-def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+def plan_backward(target, sizing, m, n, itemsize, offset, has_dh):
+    """The backward's Plan, one wave of programs at most, each taking an equal share of
+    the row blocks, and that share (blocks_per_program). sizing: the launch's operands,
+    with stand-ins for the partials and blocks_per_program (2: 1 would be specialised into
+    a different binary)."""
+    if n > _WHOLE_ROW:
+        # One program an SM at most: a partial row is 32-256 KiB against a few MB of rows.
+        plan = Plan(_rms_norm_backward_kernel, (m,), warps_for(_WHOLE_ROW, per_thread=16),
+                    (("OFFSET", offset), ("HAS_DH", has_dh), ("BLOCK_N", _WHOLE_ROW),
+                     ("CHUNKS", triton.cdiv(n, _WHOLE_ROW)), ("ROWS", 1)))
+        resident = target.sms
+    else:
+        # Whole rows in registers, 16 values of dy and x a thread (4 warps held 32 at 4096
+        # wide: 204 registers, 2 blocks/SM).
+        block_n = triton.next_power_of_2(n)
+        plan = plan_rows(target, _rms_norm_backward_kernel, sizing,
+                         dict(OFFSET=offset, HAS_DH=has_dh, BLOCK_N=block_n, CHUNKS=1), m,
+                         block_n, per_thread=16)
+        resident = resident_programs(target, plan, sizing)
+    budget = int((_OVERHEAD_SHARE * 3 * n * itemsize - 4) * m / (8 * n))
+    cap = min(resident, max(budget, target.sms // 2))
+    blocks = triton.cdiv(m, dict(plan.constexprs)["ROWS"])
+    per_program = triton.cdiv(blocks, max(1, min(blocks, cap)))
+    programs = triton.cdiv(blocks, per_program) if m > 0 else 1
+    return dataclasses.replace(plan, grid=(programs,)), per_program
+
+
+# 32 columns a program, one warp: N/32 programs (9 at stories15M), each reading its
+# columns of 64 partials (8 KiB) per step, all loads 16 bytes wide.
+def plan_weight_grad(n):
+    return Plan(_rms_norm_weight_grad_kernel, (triton.cdiv(n, 32),), 1, (("BLOCK_P", 64), ("BLOCK_N", 32)))
+
+
+@op_on_target("tinyfuse::rms_norm_backward")
+def rms_norm_backward(target, dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of y = rms_norm(x) w.r.t. x and weight; dh, the gradient reaching
     h = x + residual directly, is added to dx when the residual stream carries one."""
@@ -246,39 +284,17 @@ def rms_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    # While the launch is sized, rstd (float32) stands in for the partials and 2 for the
-    # blocks a program takes (1 would be specialised into a different binary).
     operands = dict(DY=dy2, DH=dh2, X=x2, W=weight, RSTD=rstd, DX=dx, M=m, N=n, stride_dy=dy2.stride(0),
-                    stride_dh=dh2.stride(0), stride_x=x2.stride(0), OFFSET=offset, HAS_DH=dh is not None)
-    sizing = dict(operands, DW_PARTIAL=rstd, blocks_per_program=2)
-    if n > _WHOLE_ROW:
-        # One program an SM at most: a partial row is 32-256 KiB against a few MB of rows.
-        shape = dict(BLOCK_N=_WHOLE_ROW, CHUNKS=triton.cdiv(n, _WHOLE_ROW), ROWS=1,
-                     num_warps=warps_for(_WHOLE_ROW, per_thread=16))
-        resident = multiprocessors(x.device)
-    else:
-        # Whole rows in registers, 16 values of dy and x a thread (4 warps held 32 at 4096
-        # wide: 204 registers, 2 blocks/SM).
-        shape = dict(BLOCK_N=triton.next_power_of_2(n), CHUNKS=1)
-        shape["ROWS"], shape["num_warps"] = rows_per_program(
-            _rms_norm_backward_kernel, [], {**sizing, **shape}, x.device, m, shape["BLOCK_N"], per_thread=16)
-        resident = resident_programs(_rms_norm_backward_kernel, [], {**sizing, **shape}, x.device)
-    # At most one wave of programs, each with an equal share of the row blocks.
-    budget = int((_OVERHEAD_SHARE * 3 * n * x.element_size() - 4) * m / (8 * n))
-    cap = min(resident, max(budget, multiprocessors(x.device) // 2))
-    blocks = triton.cdiv(m, shape["ROWS"])
-    per_program = triton.cdiv(blocks, max(1, min(blocks, cap)))
-    programs = triton.cdiv(blocks, per_program) if m > 0 else 1
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+                    stride_dh=dh2.stride(0), stride_x=x2.stride(0))
+    # While the launch is planned, rstd (float32) stands in for the partials.
+    plan, per_program = plan_backward(target, dict(operands, DW_PARTIAL=rstd, blocks_per_program=2), m, n,
+                                      x.element_size(), offset, dh is not None)
+    dw_partial = torch.empty((plan.grid[0], n), dtype=torch.float32, device=x.device)
     if m > 0:
-        _rms_norm_backward_kernel[(programs,)](**operands, **shape, DW_PARTIAL=dw_partial,
-                                               blocks_per_program=per_program)
+        target.launch(plan, dict(operands, DW_PARTIAL=dw_partial, blocks_per_program=per_program))
     else:
         dw_partial.zero_()
-    # 32 columns a program, one warp: N/32 programs (9 at stories15M), each reading its
-    # columns of 64 partials (8 KiB) per step, all loads 16 bytes wide.
-    _rms_norm_weight_grad_kernel[(triton.cdiv(n, 32),)](dw_partial, dw, programs, n, BLOCK_P=64, BLOCK_N=32,
-                                                          num_warps=1)
+    target.launch(plan_weight_grad(n), dict(DW_PARTIAL=dw_partial, DW=dw, P=plan.grid[0], N=n))
     return dx.view(x.shape), dw
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_float, check_same_dtype, rows_per_program, unit_last_stride
+from ._launch import check_device, check_float, check_same_dtype, op_on_target, plan_rows, unit_last_stride
 
 
 @triton.jit
@@ -71,17 +71,30 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, n_tokens, T, HQ, HK,
                   BLOCK_HK, K_PACKED)
 
 
-@torch.library.custom_op("tinyfuse::rope", mutates_args=())
-def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+@op_on_target("tinyfuse::rope")
+def rope_rotate(target, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                 inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by the angles of cos/sin (by their negatives when inverse: the backward)."""
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _launch_rope(q, k, cos, sin, q_out, k_out, interleaved, inverse)
+    _launch_rope(target, q, k, cos, sin, q_out, k_out, interleaved, inverse)
     return q_out, k_out
 
 
-def _launch_rope(q, k, cos, sin, q_out, k_out, interleaved, inverse, out_token_stride=None, k_start=0):
+def plan_rope(target, operands, n_tokens, head_dim, interleaved, inverse):
+    """The Plan: a token's q and k heads are its row, half of them read at a time (x1, x2)."""
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    hq, hk = operands["HQ"], operands["HK"]
+    block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    constexprs = dict(HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+                      INTERLEAVED=interleaved, INVERSE=inverse, Q_PACKED=operands["sq_h"] == head_dim,
+                      K_PACKED=operands["sk_h"] == head_dim)
+    return plan_rows(target, _rope_kernel, operands, constexprs, n_tokens, (block_hq + block_hk) * block_half,
+                     target_elements=2048, rows_arg="TOKENS")
+
+
+def _launch_rope(target, q, k, cos, sin, q_out, k_out, interleaved, inverse, out_token_stride=None, k_start=0):
     """Rotate q, k [B, T, H, D] (any token and head strides) into q_out and k_out + k_start
     (elements), whose heads are packed: their own contiguous tensors, or (out_token_stride
     given) both the one [B, T, (Hq + 2 Hkv) D] gradient, passed whole with k's offset."""
@@ -90,19 +103,12 @@ def _launch_rope(q, k, cos, sin, q_out, k_out, interleaved, inverse, out_token_s
     HK = k.shape[2]
     n_tokens = B * T
     if n_tokens > 0:
-        half = D // 2
-        block_half = triton.next_power_of_2(half)
-        block_hq, block_hk = triton.next_power_of_2(HQ), triton.next_power_of_2(HK)
-        per_token = (block_hq + block_hk) * block_half * 2
-        args = [q, k, cos, sin, q_out, k_out, n_tokens, T, HQ, HK,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                out_token_stride or HQ * D, out_token_stride or HK * D, k_start, *_table_strides(cos)]
-        kwargs = dict(HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-                      INTERLEAVED=interleaved, INVERSE=inverse, Q_PACKED=q.stride(2) == D, K_PACKED=k.stride(2) == D)
-        # A token's q and k heads are its row; half of them are read at a time (x1, x2).
-        tokens, warps = rows_per_program(_rope_kernel, args, kwargs, q.device, n_tokens, per_token // 2,
-                                         target_elements=2048, rows_arg="TOKENS")
-        _rope_kernel[(triton.cdiv(n_tokens, tokens),)](*args, TOKENS=tokens, num_warps=warps, **kwargs)
+        stride_cb, stride_ct = _table_strides(cos)
+        operands = dict(Q=q, K=k, COS=cos, SIN=sin, QO=q_out, KO=k_out, n_tokens=n_tokens, T=T, HQ=HQ, HK=HK,
+                        sq_b=q.stride(0), sq_t=q.stride(1), sq_h=q.stride(2), sk_b=k.stride(0), sk_t=k.stride(1),
+                        sk_h=k.stride(2), sqo=out_token_stride or HQ * D, sko=out_token_stride or HK * D,
+                        ko_start=k_start, stride_cb=stride_cb, stride_ct=stride_ct)
+        target.launch(plan_rope(target, operands, n_tokens, D, interleaved, inverse), operands)
 
 
 def _table_strides(table):
@@ -131,8 +137,8 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
-@torch.library.custom_op("tinyfuse::rope_qkv_backward", mutates_args=())
-def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+@op_on_target("tinyfuse::rope_qkv_backward")
+def rope_qkv_backward(target, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       interleaved: bool) -> torch.Tensor:
     """The gradient of the fused projection's output [B, T, (Hq + 2 Hkv) D]: dq and dk rotated
     back straight into their parts, dv copied into its part (no concatenation afterwards)."""
@@ -140,7 +146,7 @@ def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
     HK = dk.shape[2]
     width = (HQ + 2 * HK) * D
     dqkv = torch.empty((B, T, width), dtype=dq.dtype, device=dq.device)
-    _launch_rope(dq, dk, cos, sin, dqkv, dqkv, interleaved, True, out_token_stride=width, k_start=HQ * D)
+    _launch_rope(target, dq, dk, cos, sin, dqkv, dqkv, interleaved, True, out_token_stride=width, k_start=HQ * D)
     dqkv[..., (HQ + HK) * D:].view(B, T, HK, D).copy_(dv)
     return dqkv
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_rows, check_device, check_float, check_same_dtype, rows_per_program
+from ._launch import as_rows, check_device, check_float, check_same_dtype, op_on_target, plan_rows
 
 
 # GELU's tanh form through a sigmoid: 0.5 (1 + tanh(a)) = sigmoid(2a), a = sqrt(2/pi) (g + 0.044715 g^3)
@@ -64,24 +64,22 @@ def _swiglu_backward_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_
     tl.store(DU + rows64 * stride_dgu + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _launch_tiles(kernel, args, m, n, activation):
-    """Launch kernel over [m, n] in tiles of ROWS x BLOCK_N (at most 2048 values a program:
-    an elementwise op needs no whole row), for activation "silu" or "gelu_tanh"."""
-    gelu = activation == "gelu_tanh"
+def plan_tiles(target, kernel, operands, m, n, activation):
+    """The Plan of kernel over [m, n] in tiles of ROWS x BLOCK_N (at most 2048 values a
+    program: an elementwise op needs no whole row), for activation "silu" or "gelu_tanh"."""
     block_n = min(triton.next_power_of_2(n), 2048)
-    columns = triton.cdiv(n, block_n)
-    rows, warps = rows_per_program(kernel, args, dict(BLOCK_N=block_n, GELU=gelu), args[0].device,
-                                   m, block_n, columns=columns, target_elements=2048)
-    kernel[(triton.cdiv(m, rows), columns)](*args, ROWS=rows, BLOCK_N=block_n, GELU=gelu, num_warps=warps)
+    return plan_rows(target, kernel, operands, dict(BLOCK_N=block_n, GELU=activation == "gelu_tanh"), m, block_n,
+                     columns=triton.cdiv(n, block_n), target_elements=2048)
 
 
-@torch.library.custom_op("tinyfuse::swiglu_forward", mutates_args=())
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+@op_on_target("tinyfuse::swiglu_forward")
+def swiglu_forward(target, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     g2, u2 = as_rows(gate), as_rows(up)
     m, n = g2.shape
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if y.numel() > 0:
-        _launch_tiles(_swiglu_forward_kernel, [g2, u2, y, m, n, g2.stride(0), u2.stride(0)], m, n, activation)
+        operands = dict(G=g2, U=u2, Y=y, M=m, N=n, stride_g=g2.stride(0), stride_u=u2.stride(0))
+        target.launch(plan_tiles(target, _swiglu_forward_kernel, operands, m, n, activation), operands)
     return y.view(gate.shape)
 
 
@@ -90,22 +88,23 @@ def _(gate, up, activation):
     return gate.new_empty(gate.shape)
 
 
-def _backward(dy, gate, up, dg, du, activation):
+def _backward(target, dy, gate, up, dg, du, activation):
     """Launch the backward on row views; dg and du share one row stride (two tensors, or the halves of one)."""
     dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     m, n = g2.shape
     if m * n > 0:
-        args = [dy2, g2, u2, dg, du, m, n, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0)]
-        _launch_tiles(_swiglu_backward_kernel, args, m, n, activation)
+        operands = dict(DY=dy2, G=g2, U=u2, DG=dg, DU=du, M=m, N=n, stride_dy=dy2.stride(0), stride_g=g2.stride(0),
+                        stride_u=u2.stride(0), stride_dgu=dg.stride(0))
+        target.launch(plan_tiles(target, _swiglu_backward_kernel, operands, m, n, activation), operands)
 
 
-@torch.library.custom_op("tinyfuse::swiglu_backward", mutates_args=())
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+@op_on_target("tinyfuse::swiglu_backward")
+def swiglu_backward(target, dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = gate.shape[-1]
     dg = torch.empty((gate.numel() // max(n, 1), n), dtype=gate.dtype, device=gate.device)
     du = torch.empty_like(dg)
-    _backward(dy, gate, up, dg, du, activation)
+    _backward(target, dy, gate, up, dg, du, activation)
     return dg.view(gate.shape), du.view(up.shape)
 
 
@@ -114,12 +113,12 @@ def _(dy, gate, up, activation):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
-@torch.library.custom_op("tinyfuse::swiglu_packed_backward", mutates_args=())
-def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+@op_on_target("tinyfuse::swiglu_packed_backward")
+def swiglu_packed_backward(target, dy: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """The gradient of swiglu(gate_up) as one tensor shaped like gate_up ([..., 2H])."""
     n = gate_up.shape[-1] // 2
     dgu = torch.empty((gate_up.numel() // max(2 * n, 1), 2 * n), dtype=gate_up.dtype, device=gate_up.device)
-    _backward(dy, gate_up[..., :n], gate_up[..., n:], dgu, dgu[:, n:], activation)
+    _backward(target, dy, gate_up[..., :n], gate_up[..., n:], dgu, dgu[:, n:], activation)
     return dgu.view(gate_up.shape)
 
 

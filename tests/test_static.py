@@ -165,26 +165,70 @@ def test_training_step_account(report):
         assert max(c["bytes"] for c in s["casts"]) <= s["tokens"] * cfg.dim * 6, s["casts"]
 
 
-def test_rows_per_program_fills_the_last_wave(monkeypatch):
-    """The one launch-size rule, with the occupancy given: the most rows a program (up to
-    4096 values) whose grid leaves at most a tenth of the last wave idle; the interpreter,
-    which has no occupancy, takes the most."""
-    import torch
+def test_plan_rows_fills_the_last_wave():
+    """The one launch-size rule, on a Target whose occupancy is given: the most rows a
+    program (up to 4096 values) whose grid leaves at most a tenth of the last wave idle;
+    the interpreter, which has no occupancy, takes the most."""
+    import dataclasses
 
-    from tinyfuse.kernels import _launch
+    from tinyfuse.kernels._launch import ARCHITECTURES, INTERPRETER_TARGET, plan_rows
 
-    def choose(m, row_elements, blocks_per_sm):
-        monkeypatch.setattr(_launch, "RECORDING_OCCUPANCY", lambda kernel, args, kwargs: blocks_per_sm)
-        return _launch.rows_per_program(None, [], {}, torch.device("cpu"), m, row_elements)
+    def choose(m, row_elements, blocks_per_sm=None):
+        target = INTERPRETER_TARGET if blocks_per_sm is None else \
+            dataclasses.replace(ARCHITECTURES[90], occupancy=lambda plan, operands: blocks_per_sm)
+        plan = plan_rows(target, "kernel", {}, {"BLOCK": 1024}, m, row_elements)
+        rows = dict(plan.constexprs)["ROWS"]
+        assert plan.grid == (-(-m // rows),) and dict(plan.constexprs)["BLOCK"] == 1024
+        return rows, plan.num_warps
 
-    assert choose(16384, 1024, 8) == (4, 4)  # interpreter: not recording
-    monkeypatch.setattr(_launch, "RECORDING", True)
-    monkeypatch.setattr(_launch, "RECORDING_SMS", 132)
+    assert choose(16384, 1024) == (4, 4)  # the interpreter
     assert choose(16384, 1024, 8) == (4, 4)  # 4096 programs on 1056 slots: 3.88 waves, 3% idle
     assert choose(16384, 1024, 9) == (2, 4)  # 4 rows: 3.45 waves, 14% idle; 2 rows: 6.9 waves
     assert choose(16384, 64, 16) == (16, 4)  # under a wave whatever the rows: the fullest, 1024 values
     assert choose(16384, 8192, 1) == (1, 8)  # a row is a program's worth
     assert choose(0, 1024, 8) == (4, 4)
+
+
+_PLANS_FOR_ITS_TARGET = """
+import torch
+from triton.runtime import jit
+
+from tinyfuse.bench.recording import Account
+from tinyfuse.kernels import rms_norm
+
+run = jit.JITFunction.run
+x, w = torch.empty(4096, 288, dtype=torch.bfloat16), torch.empty(288, dtype=torch.bfloat16)
+grids = {}
+for arch in (90, 80):
+    with Account(arch) as account:
+        assert jit.JITFunction.run is run
+        rms_norm(x, w)
+    (kernel, grid, args, kwargs), = account.launches
+    assert kernel.fn.__name__ == "_rms_norm_forward_kernel" and kwargs["X"].shape == (4096, 288)
+    assert grid == (-(-4096 // kwargs["ROWS"]),)
+    grids[account.target.sms] = grid
+try:
+    rms_norm(x, w)
+except RuntimeError as e:
+    assert str(e).startswith("x: tinyfuse's Triton kernels need CUDA tensors; got a CPU tensor"), e
+print(grids)
+"""
+
+
+def test_the_static_report_plans_for_its_target_and_replaces_nothing():
+    """An op called inside the report's Account runs its own body on the architecture's
+    Target: its launch is planned for that many SMs and recorded, not run, on CPU tensors
+    that no Triton kernel could take (outside the Account the same call refuses them,
+    naming the argument); Triton's JIT is left as it is. Compiled, so without the interpreter."""
+    import ast
+    import os
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _PLANS_FOR_ITS_TARGET], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grids = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert set(grids) == {132, 108} and grids[132] != grids[108], grids  # 2 rows a program on sm_90, 4 on sm_80
 
 
 def test_a_launchs_binary_key_is_derived_from_its_arguments():
