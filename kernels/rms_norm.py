@@ -267,9 +267,9 @@ def plan_backward(target, sizing, m, n, itemsize, offset, has_dh):
     return dataclasses.replace(plan, grid=(programs,)), per_program
 
 
-# 32 columns a program, one warp: N/32 programs (9 at stories15M), each reading its
-# columns of 64 partials (8 KiB) per step, all loads 16 bytes wide.
 def plan_weight_grad(n):
+    """32 columns a program, one warp: N/32 programs (9 at stories15M), each reading its
+    columns of 64 partials (8 KiB) per step, all loads 16 bytes wide."""
     return Plan(_rms_norm_weight_grad_kernel, (triton.cdiv(n, 32),), 1, (("BLOCK_P", 64), ("BLOCK_N", 32)))
 
 

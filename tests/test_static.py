@@ -88,7 +88,7 @@ def test_no_kernel_spills_at_any_shape(report):
 
 def test_the_last_wave_is_not_mostly_idle(report):
     """Launches of a wave or more leave at most MAX_IDLE of the last wave's slots idle (rows
-    per program chosen by kernels._launch.rows_per_program). Under one wave: the
+    per program chosen by kernels._launch.plan_rows). Under one wave: the
     stories260K rows, where a program of 1024 values or more leaves slots over, the weight
     gradient's sum of partials, and the chunked RMSNorm backward (one program an SM at most)."""
     from tinyfuse.kernels._launch import MAX_IDLE
