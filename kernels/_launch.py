@@ -250,10 +250,10 @@ def plan_rows(target, kernel, operands, constexprs, m, row_elements, *, columns=
     while rows > 1 and (rows // 2) * row_elements >= MIN_PROGRAM_ELEMENTS:
         rows //= 2
         candidates.append(rows)
-    plans = [Plan(kernel, (triton.cdiv(m, r),) + ((columns,) if columns > 1 else ()),
-                  warps_for(r * row_elements, per_thread), (*constexprs.items(), (rows_arg, r))) for r in candidates]
+    plans = (Plan(kernel, (triton.cdiv(m, r),) + ((columns,) if columns > 1 else ()),
+                  warps_for(r * row_elements, per_thread), (*constexprs.items(), (rows_arg, r))) for r in candidates)
     if m * columns == 0 or target.occupancy is None:
-        return plans[0]
+        return next(plans)  # the largest; no other is built
     best = None
     for plan in plans:
         idle = idle_share(math.prod(plan.grid), resident_programs(target, plan, operands))

@@ -21,10 +21,9 @@ Targets outside [0, V) other than ignore_index: with TINYFUSE_DEBUG=1 the call
 raises (at the cost of a host sync); otherwise no memory outside the row is read
 and the row's loss and gradient are NaN, so the error shows in the loss.
 """
+import dataclasses
 import math
 import os
-
-import dataclasses
 
 import torch
 import triton
